@@ -1,0 +1,125 @@
+"""The job spec: what a client asks Compactor to do with a model.
+
+Shared by the gateway (validation at submission) and the compression core
+(what to run). Imports no torch. Every section is optional; a missing stage is
+skipped. Unknown fields are rejected (``extra="forbid"``) so a typo never
+silently turns a stage off.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ModelFormat = Literal["auto", "torchscript", "state_dict", "safetensors"]
+Criterion = Literal["magnitude", "gradient", "taylor", "hessian", "random"]
+Granularity = Literal["unstructured", "channel"]
+Scope = Literal["global", "layer"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+QuantMode = Literal["static", "dynamic"]
+QuantBackend = Literal["x86", "qnnpack"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    format: ModelFormat = "auto"
+    arch: str | None = Field(
+        default=None,
+        description="torchvision classification builder (e.g. resnet18); required for state_dict uploads.",
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+    )
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 3, 32, 32],
+        min_length=2,
+        max_length=5,
+        description="Shape of one input batch, batch dimension first. Used for MACs, latency and export.",
+    )
+
+    @field_validator("arch_kwargs")
+    @classmethod
+    def _plain_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = (int, float, bool, str, type(None))
+        for key, item in value.items():
+            if not isinstance(item, allowed):
+                raise ValueError(f"arch_kwargs[{key!r}] must be a number, string, boolean or null")
+        if "weights" in value or "pretrained" in value:
+            raise ValueError("weights are uploaded, never downloaded: drop 'weights'/'pretrained' from arch_kwargs")
+        return value
+
+
+class DataSpec(_Section):
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    seed: int = 0
+
+
+class PruneSpec(_Section):
+    criterion: Criterion = "magnitude"
+    granularity: Granularity = "channel"
+    scope: Scope = "global"
+    amount: float = Field(default=0.5, ge=0.0, lt=1.0, description="Fraction of weights (unstructured) or channels (channel) to remove.")
+    steps: int = Field(default=1, ge=1, le=20)
+    exclude: list[Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="fnmatch patterns of module names never pruned, e.g. 'layer1.*'.",
+    )
+    score_batches: int = Field(default=8, ge=1, le=1000, description="Data batches used by gradient-based criteria.")
+
+
+class DistillSpec(_Section):
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Weight of the distillation loss; 1-alpha weights the label loss.")
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0)
+
+
+class FinetuneSpec(_Section):
+    epochs: int = Field(default=2, ge=0, le=1000)
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    optimizer: OptimizerName = "sgd"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    distill: DistillSpec | None = Field(default_factory=DistillSpec)
+
+
+class QuantizeSpec(_Section):
+    mode: QuantMode = "static"
+    backend: QuantBackend = "x86"
+    calibration_batches: int = Field(default=8, ge=1, le=10000)
+    per_channel: bool = True
+
+
+class TargetSpec(_Section):
+    max_accuracy_drop: float = Field(ge=0.0, le=1.0, description="Largest allowed drop of validation top-1, as a fraction (0.01 = 1 point).")
+    max_trials: int = Field(default=6, ge=2, le=20)
+
+
+class JobSpec(_Section):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    prune: PruneSpec | None = None
+    finetune: FinetuneSpec | None = None
+    quantize: QuantizeSpec | None = None
+    target: TargetSpec | None = None
+    device: DeviceName = "auto"
+
+    @model_validator(mode="after")
+    def _target_needs_prune(self) -> "JobSpec":
+        if self.target is not None and self.prune is None:
+            raise ValueError("target.max_accuracy_drop searches a prune amount: add a 'prune' section (its amount is the upper bound)")
+        return self
+
+
+def parse_spec(data: dict[str, Any] | str | bytes | None) -> JobSpec:
+    """Validate a spec given as a dict or JSON text; raises pydantic.ValidationError."""
+    if data is None or data == "" or data == b"":
+        return JobSpec()
+    if isinstance(data, (str, bytes)):
+        return JobSpec.model_validate_json(data)
+    return JobSpec.model_validate(data)

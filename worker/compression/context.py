@@ -1,0 +1,53 @@
+"""Types every stage of the core shares: how data is fed, progress, cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from compactor.errors import Cancelled
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+# Calibration, scoring and training never see paths: they call a BatchSource,
+# which yields (inputs, targets-or-None) batches, each call a fresh pass.
+BatchSource = Callable[[], Iterable[Batch]]
+# progress(stage, fraction_done_within_stage)
+ProgressCallback = Callable[[str, float], None]
+CancelCheck = Callable[[], bool]
+
+
+def _no_progress(stage: str, fraction: float) -> None:
+    return None
+
+
+def _never_cancel() -> bool:
+    return False
+
+
+@dataclass
+class RunContext:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: ProgressCallback = _no_progress
+    should_cancel: CancelCheck = _never_cancel
+    warnings: list[str] = field(default_factory=list)
+
+    def check_cancelled(self) -> None:
+        """Called between batches: raises Cancelled when the caller asked to stop."""
+        if self.should_cancel():
+            raise Cancelled("the job was cancelled")
+
+    def report(self, stage: str, fraction: float) -> None:
+        self.progress(stage, min(1.0, max(0.0, fraction)))
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+def limited(source: BatchSource, max_batches: int) -> Iterator[Batch]:
+    for index, batch in enumerate(source()):
+        if index >= max_batches:
+            return
+        yield batch
