@@ -1,0 +1,56 @@
+"""One Settings object read from the environment (COMPACTOR_*), behind a cached getter.
+
+Embedded default: everything under ``data_dir`` — Celery's filesystem broker,
+SQLite job store, artifact directory. Distributed: ``broker_url`` and
+``store_url`` point at Redis and ``data_dir`` at storage every host mounts.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMPACTOR_", extra="ignore")
+
+    data_dir: Path = Path("./compactor-data")
+    # None → the embedded default under data_dir (filesystem broker / SQLite).
+    broker_url: str | None = None
+    store_url: str | None = None
+    # "tenant:key" pairs, comma-separated; or a file with one pair per line.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_parameters: int = 500_000_000
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 1.0
+    max_attempts: int = 3
+    job_soft_time_limit: float = Field(default=6 * 3600.0, description="seconds before a job is stopped with 'timeout'")
+    job_hard_time_limit: float = 6 * 3600.0 + 300.0
+    queue_name: str = "compactor"
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def effective_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.resolved_data_dir / 'jobs.sqlite3'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
