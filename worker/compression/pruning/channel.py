@@ -1,0 +1,273 @@
+"""Structured (channel) pruning through Torch-Pruning's dependency graph.
+
+Whole filters are removed together with everything that depends on them (the
+BatchNorm after them, the next layer's inputs, residual partners), so the
+architecture, the MACs and the file really shrink. Our element scores reach
+Torch-Pruning through ``ElementScoreImportance``; the choice of channels is
+ours (exact counts, a per-layer cap, no tie overshoot) rather than MetaPruner's,
+whose global threshold prunes every channel tied with it and has no per-layer
+cap within one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compactor.errors import CompressionFailed, InvalidSpec, UnsupportedCombination
+from worker.compression.context import RunContext
+from worker.compression.pruning.layers import find_head, is_weighted_layer, out_channels, prunable_layers
+
+Scope = Literal["global", "layer"]
+PRUNE_STAGE = "prune"
+# No layer loses more than this fraction of its channels in one call, so none collapses.
+MAX_LAYER_PRUNING_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class LayerChannels:
+    before: int
+    after: int
+
+
+@dataclass
+class ChannelPruneReport:
+    """What one channel-pruning call did. ``layers`` covers every prunable layer, pruned or not."""
+
+    head: str | None
+    layers: dict[str, LayerChannels] = field(default_factory=dict)
+    channels_removed: int = 0
+    channels_prunable: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def channels(self) -> dict[str, dict[str, int]]:
+        """``layers`` as plain dicts ({"before", "after"}), the shape the job report uses."""
+        return {name: {"before": counts.before, "after": counts.after} for name, counts in self.layers.items()}
+
+
+def _per_channel(score: torch.Tensor, module: nn.Module, out_side: bool) -> torch.Tensor | None:
+    """Sum an element-score tensor over everything that goes with one channel of ``module``.
+
+    ``out_side`` picks the output-channel dimension (the module's own filters)
+    or the input-channel dimension (the weights that read a pruned channel).
+    """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups = module.groups
+        if module.transposed:
+            # ConvTranspose weights are [in, out/groups, ...].
+            if out_side:
+                per_group_in = score.shape[0] // groups
+                return score.reshape(groups, per_group_in, score.shape[1], -1).sum(dim=(1, 3)).flatten()
+            return score.flatten(1).sum(1)
+        if out_side:
+            return score.flatten(1).sum(1)
+        # Input channel c of a grouped conv is read by the filters of group c // (in/groups), at column c % (in/groups).
+        per_group_out = score.shape[0] // groups
+        return score.reshape(groups, per_group_out, score.shape[1], -1).sum(dim=(1, 3)).flatten()
+    if isinstance(module, nn.Linear):
+        return score.sum(1) if out_side else score.sum(0)
+    if score.dim() == 1:
+        # Norm layers: one scale per channel, the same on either side.
+        return score
+    return None
+
+
+class ElementScoreImportance(tp.importance.Importance):
+    """Group importance from element scores, for Torch-Pruning.
+
+    For each dependent layer in a group it sums our scores over the pruned
+    dimension (out-channels for prune_out_channels, in-channels for
+    prune_in_channels, the scale for norm layers), averages the layers per
+    channel and divides by the group mean, like GroupMagnitudeImportance with
+    normalizer="mean", so channels of layers with very different score scales
+    can share one global ranking.
+    """
+
+    def __init__(self, scores: dict[str, torch.Tensor], model: nn.Module, graph: tp.DependencyGraph) -> None:
+        self.scores = scores
+        self.graph = graph
+        self.module_names = {module: name for name, module in model.named_modules()}
+
+    def _score_of(self, module: nn.Module) -> torch.Tensor | None:
+        name = self.module_names.get(module)
+        if name is None:
+            return None
+        weight = getattr(module, "weight", None)
+        score = self.scores.get(f"{name}.weight" if name else "weight")
+        if score is None or not isinstance(weight, torch.Tensor):
+            return None
+        if score.shape != weight.shape:
+            raise CompressionFailed(
+                f"score for {name}.weight has shape {tuple(score.shape)} but the weight is {tuple(weight.shape)}; "
+                "score the model again after every pruning step"
+            )
+        return score.detach().to(device="cpu", dtype=torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
+        total: torch.Tensor | None = None
+        count: torch.Tensor | None = None
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            root_idxs = item.root_idxs
+            if any(index is None for index in root_idxs):
+                continue
+            module = dep.layer
+            if not isinstance(module, nn.Module):
+                continue
+            score = self._score_of(module)
+            if score is None:
+                continue
+            out_side = self.graph.is_out_channel_pruning_fn(dep.handler)
+            if not out_side and not self.graph.is_in_channel_pruning_fn(dep.handler):
+                continue
+            per_channel = _per_channel(score, module, out_side)
+            if per_channel is None or not idxs or max(idxs) >= per_channel.numel():
+                continue
+            if total is None:
+                size = len(group[0].idxs)
+                total = torch.zeros(size, dtype=torch.float32)
+                count = torch.zeros(size, dtype=torch.float32)
+            root = torch.tensor(root_idxs, dtype=torch.long)
+            total.index_add_(0, root, per_channel[torch.tensor(idxs, dtype=torch.long)])
+            count.index_add_(0, root, torch.ones(len(root_idxs)))
+        if total is None or count is None:
+            return None
+        importance = total / count.clamp_min(1.0)
+        mean = importance.mean()
+        return importance / mean if mean > 0 else importance
+
+
+def _has_grouped_conv(group: tp.dependency.Group) -> bool:
+    """True where a grouped (not depthwise) conv is involved: Torch-Pruning cannot keep its groups even."""
+    for item in group:
+        module = item.dep.layer
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            if not (module.groups == module.in_channels == module.out_channels):
+                return True
+    return False
+
+
+def _choose_channels(
+    importances: list[torch.Tensor], amount: float, scope: Scope
+) -> list[torch.Tensor]:
+    """Indices to remove per group: ``amount`` of all channels, no group past the cap, ties by position."""
+    caps = [min(imp.numel() - 1, int(imp.numel() * MAX_LAYER_PRUNING_RATIO)) for imp in importances]
+    if scope == "layer":
+        return [
+            torch.argsort(imp, stable=True)[: min(cap, round(amount * imp.numel()))]
+            for imp, cap in zip(importances, caps)
+        ]
+    total = sum(imp.numel() for imp in importances)
+    wanted = round(amount * total)
+    values = torch.cat(importances)
+    owners = [group for group, imp in enumerate(importances) for _ in range(imp.numel())]
+    positions = [position for imp in importances for position in range(imp.numel())]
+    chosen: list[list[int]] = [[] for _ in importances]
+    taken = 0
+    for flat_index in torch.argsort(values, stable=True).tolist():
+        if taken >= wanted:
+            break
+        owner = owners[flat_index]
+        if len(chosen[owner]) < caps[owner]:
+            chosen[owner].append(positions[flat_index])
+            taken += 1
+    return [torch.tensor(sorted(indices), dtype=torch.long) for indices in chosen]
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    scores: dict[str, torch.Tensor],
+    amount: float,
+    scope: Scope,
+    exclude: list[str],
+    ctx: RunContext,
+) -> ChannelPruneReport:
+    """Remove ``amount`` of the model's current prunable channels, in place.
+
+    ``scores`` are element scores by parameter name for the model as it is now
+    (see ``scoring_parameters(..., channel_mode=True)``). The classifier head
+    keeps its outputs; layers matching ``exclude`` keep their filters (their
+    inputs still shrink when the layer feeding them is pruned, like the head's).
+    ``global`` ranks all channels together (scores normalized per group),
+    ``layer`` removes the same fraction from every group. No layer loses more
+    than ``MAX_LAYER_PRUNING_RATIO`` of its channels in one call.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedCombination(
+            "channel pruning changes the architecture, which a TorchScript upload cannot do: "
+            "use granularity 'unstructured', or upload a state_dict with spec.model.arch",
+            field="prune.granularity",
+        )
+    if not 0.0 <= amount < 1.0:
+        raise InvalidSpec(f"prune.amount must be in [0, 1), got {amount}", field="prune.amount")
+    if scope not in ("global", "layer"):
+        raise InvalidSpec(f"prune.scope must be 'global' or 'layer', got {scope!r}", field="prune.scope")
+
+    layers = prunable_layers(model, exclude, channel_mode=True, example_inputs=example_inputs)
+    head_and_excluded = [
+        module for name, module in model.named_modules() if is_weighted_layer(module) and name not in layers
+    ]
+    head = find_head(model, example_inputs)
+    report = ChannelPruneReport(head=head, params_before=_count_parameters(model))
+    before = {name: out_channels(module) for name, module in layers.items()}
+
+    device = next(iter(model.parameters())).device
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.to(device))
+        importance = ElementScoreImportance(scores, model, graph)
+        roots: list[tuple[nn.Module, Callable[..., nn.Module]]] = []
+        importances: list[torch.Tensor] = []
+        for group in graph.get_all_groups(
+            ignored_layers=head_and_excluded, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
+        ):
+            ctx.check_cancelled()
+            if _has_grouped_conv(group):
+                ctx.warn("channels read by grouped convolutions are not pruned (their groups must stay even)")
+                continue
+            group_importance = importance(group)
+            if group_importance is None or group_importance.numel() < 2:
+                continue
+            roots.append((group[0].dep.target.module, group[0].dep.handler))
+            importances.append(group_importance)
+        report.channels_prunable = sum(imp.numel() for imp in importances)
+
+        chosen = _choose_channels(importances, amount, scope)
+        wanted = round(amount * report.channels_prunable)
+        for number, ((module, handler), indices) in enumerate(zip(roots, chosen)):
+            ctx.check_cancelled()
+            if indices.numel() == 0:
+                continue
+            pruning_group = graph.get_pruning_group(module, handler, indices.tolist())
+            if not graph.check_pruning_group(pruning_group):
+                ctx.warn("a channel group was skipped because pruning it would empty a layer")
+                continue
+            pruning_group.prune()
+            report.channels_removed += indices.numel()
+            ctx.report(PRUNE_STAGE, (number + 1) / len(roots))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if report.channels_removed < wanted:
+        ctx.warn(
+            f"removed {report.channels_removed} of the {wanted} channels asked for: "
+            f"no layer loses more than {MAX_LAYER_PRUNING_RATIO:.0%} of its channels in one step"
+        )
+    report.layers = {name: LayerChannels(before[name], out_channels(module)) for name, module in layers.items()}
+    report.params_after = _count_parameters(model)
+    ctx.report(PRUNE_STAGE, 1.0)
+    return report
