@@ -1,0 +1,74 @@
+"""Torch-free checks at submission: refuse a spec the uploaded model or data cannot do.
+
+Everything here runs in the gateway before a job is created, so a client hears at once
+(``422``) why a combination cannot work and what would, instead of a job that fails later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compactor.errors import InvalidSpec, UnsupportedCombination
+from compactor.spec import JobSpec
+
+GRADIENT_CRITERIA = frozenset({"gradient", "taylor", "hessian"})
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the gateway knows about the job's dataset without loading it."""
+
+    format: str
+    num_samples: int
+    has_targets: bool
+
+
+def check_compatibility(model_format: str, spec: JobSpec, dataset: DatasetFacts | None) -> None:
+    """Raise ``InvalidSpec`` / ``UnsupportedCombination`` (with ``field``) for what cannot run.
+
+    ``model_format`` is the format detected from the upload's content
+    (``torchscript`` | ``state_dict`` | ``safetensors``).
+    """
+    from compactor.formats import check_declared_format
+
+    check_declared_format(spec.model.format, model_format)
+
+    if model_format in ("state_dict", "safetensors") and not spec.model.arch:
+        raise InvalidSpec(
+            f"a {model_format} upload holds only weights: name the architecture in spec.model.arch "
+            "(a torchvision classification builder such as 'resnet18') with spec.model.arch_kwargs "
+            "such as {'num_classes': 10}, or upload a TorchScript archive (torch.jit.save) instead",
+            field="model.arch",
+        )
+
+    prune = spec.prune
+    if prune is not None and prune.granularity == "channel" and model_format == "torchscript":
+        raise UnsupportedCombination(
+            "channel pruning rebuilds the architecture, which a TorchScript archive cannot do: use "
+            "prune.granularity 'unstructured' with this upload, or upload a state_dict (or .safetensors) "
+            "with spec.model.arch to prune whole channels",
+            field="prune.granularity",
+        )
+
+    if spec.target is not None and (dataset is None or not dataset.has_targets):
+        why = "no dataset was given" if dataset is None else "the dataset has no 'targets'"
+        raise UnsupportedCombination(
+            f"target.max_accuracy_drop needs validation accuracy, but {why}: upload a dataset with "
+            "'inputs' and 'targets', or drop 'target' and set prune.amount directly",
+            field="target",
+        )
+
+    if dataset is None:
+        if prune is not None and prune.criterion in GRADIENT_CRITERIA:
+            raise UnsupportedCombination(
+                f"prune.criterion {prune.criterion!r} scores weights by gradients over data, and random "
+                "inputs cannot score a model: upload a dataset, or use criterion 'magnitude' (or 'random')",
+                field="prune.criterion",
+            )
+        if spec.finetune is not None:
+            raise UnsupportedCombination(
+                "fine-tuning needs data (random inputs cannot teach a model): upload a dataset (without "
+                "targets it distils from the original model), or drop the 'finetune' section",
+                field="finetune",
+            )
+    # Fine-tuning on a dataset without targets is allowed: the worker distils from the original model.

@@ -1,0 +1,238 @@
+"""Count the samples of an uploaded dataset without torch and without loading its data.
+
+* ``.npz``: read only the ``.npy`` headers of ``inputs`` (and ``targets``) inside the
+  zip (``numpy.lib.format``; nothing is unpickled, no array data is read).
+* ``.pt`` written by ``torch.save``: read the archive's ``data.pkl`` with a restricted
+  unpickler whose ``find_class`` resolves only an allowlist of torch rebuild functions
+  and storage type names, each mapped to a harmless local stand-in that records a
+  shape. Nothing else can ever be resolved; anything else is ``InvalidDataset``.
+
+Both check that ``targets`` (when present) has as many rows as ``inputs``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compactor.errors import InvalidDataset
+
+MAX_ZIP_ENTRIES = 10_000
+MAX_PICKLE_BYTES = 16 * 1024 * 1024
+MAX_NPY_HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_samples: int
+    has_targets: bool
+    input_shape: tuple[int, ...]
+
+
+def dataset_num_samples(path: str | Path, format: str) -> int:
+    """Number of samples (rows of ``inputs``) of a ``pt`` or ``npz`` dataset file."""
+    return dataset_info(path, format).num_samples
+
+
+def dataset_info(path: str | Path, format: str) -> DatasetInfo:
+    if format == "npz":
+        return _npz_info(Path(path))
+    if format == "pt":
+        return _pt_info(Path(path))
+    raise InvalidDataset(f"unknown dataset format {format!r}: upload a .pt (torch.save) or .npz file")
+
+
+def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidDataset(f"the {kind} dataset is not a readable zip archive: {exc}") from None
+    if len(archive.infolist()) > MAX_ZIP_ENTRIES:
+        archive.close()
+        raise InvalidDataset(f"the {kind} dataset archive has too many entries (limit {MAX_ZIP_ENTRIES})")
+    return archive
+
+
+def _check_rows(inputs: tuple[int, ...], targets: tuple[int, ...] | None) -> DatasetInfo:
+    if len(inputs) < 1:
+        raise InvalidDataset("'inputs' must have a leading sample dimension (shape [N, ...])")
+    if inputs[0] < 1:
+        raise InvalidDataset("'inputs' holds no samples")
+    if targets is not None:
+        if len(targets) != 1:
+            raise InvalidDataset(f"'targets' must be one-dimensional (shape [N]), got shape {list(targets)}")
+        if targets[0] != inputs[0]:
+            raise InvalidDataset(f"'targets' has {targets[0]} rows but 'inputs' has {inputs[0]}: they must match")
+    return DatasetInfo(num_samples=inputs[0], has_targets=targets is not None, input_shape=inputs)
+
+
+# -- .npz --------------------------------------------------------------------------------------
+
+
+def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+    import numpy as np
+    from numpy.lib import format as npy_format
+
+    with archive.open(member) as handle:
+        head = io.BytesIO(handle.read(MAX_NPY_HEADER_BYTES))
+    try:
+        version = npy_format.read_magic(head)
+        if version == (1, 0):
+            shape, _fortran, dtype = npy_format.read_array_header_1_0(head, max_header_size=MAX_NPY_HEADER_BYTES)
+        elif version in ((2, 0), (3, 0)):
+            shape, _fortran, dtype = npy_format.read_array_header_2_0(head, max_header_size=MAX_NPY_HEADER_BYTES)
+        else:  # pragma: no cover - numpy raises for unknown versions already
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidDataset(f"array {member!r} in the .npz has an unreadable header: {exc}") from None
+    if dtype.hasobject or dtype == np.dtype(object):
+        raise InvalidDataset(f"array {member!r} holds Python objects; only numeric arrays are accepted")
+    return tuple(int(dim) for dim in shape)
+
+
+def _npz_info(path: Path) -> DatasetInfo:
+    with _open_zip(path, ".npz") as archive:
+        names = set(archive.namelist())
+        if "inputs.npy" not in names:
+            raise InvalidDataset("the .npz has no 'inputs' array: save it with np.savez(f, inputs=..., targets=...)")
+        inputs = _npy_shape(archive, "inputs.npy")
+        targets = _npy_shape(archive, "targets.npy") if "targets.npy" in names else None
+    return _check_rows(inputs, targets)
+
+
+# -- .pt (torch.save zip) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+
+@dataclass(frozen=True)
+class _StorageRecord:
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    shape: tuple[int, ...]
+
+
+_STORAGE_TYPES = frozenset(
+    f"{kind}Storage"
+    for kind in (
+        "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+        "ComplexFloat", "ComplexDouble",
+    )
+)
+
+
+def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise InvalidDataset(f"the .pt dataset has a malformed tensor {what}")
+    return value
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRecord:
+    if not isinstance(storage, _StorageRecord) or not isinstance(storage_offset, int):
+        raise InvalidDataset("the .pt dataset has a malformed tensor record")
+    shape = _as_int_tuple(size, "size")
+    strides = _as_int_tuple(stride, "stride")
+    if len(shape) != len(strides):
+        raise InvalidDataset("the .pt dataset has a tensor whose size and stride disagree")
+    if math.prod(shape) > 0:
+        extent = storage_offset + sum((dim - 1) * step for dim, step in zip(shape, strides)) + 1
+        if extent > storage.numel:
+            raise InvalidDataset("the .pt dataset has a tensor larger than its storage")
+    return _TensorRecord(shape)
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> _TensorRecord:
+    if not isinstance(data, _TensorRecord):
+        raise InvalidDataset("the .pt dataset has a malformed parameter record")
+    return data
+
+
+def _empty_hooks(*args: Any) -> dict[Any, Any]:
+    # ``collections.OrderedDict()`` of backward hooks; torch.save always writes it empty.
+    if args:
+        raise InvalidDataset("the .pt dataset carries tensor hooks; save plain tensors")
+    return {}
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _empty_hooks,
+}
+
+
+class _ShapeUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storage_keys: set[str]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._storage_keys = storage_keys
+
+    def find_class(self, module: str, name: str) -> Any:
+        stand_in = _ALLOWED_GLOBALS.get((module, name))
+        if stand_in is not None:
+            return stand_in
+        if module == "torch" and name in _STORAGE_TYPES:
+            return _StorageType(name)
+        raise InvalidDataset(
+            f"the .pt dataset refers to {module}.{name}, which a dataset never needs: "
+            "save a dict of tensors, torch.save({'inputs': x, 'targets': y}, f)"
+        )
+
+    def persistent_load(self, pid: Any) -> _StorageRecord:
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[4], int)
+        ):
+            raise InvalidDataset("the .pt dataset has a malformed storage reference")
+        if pid[2] not in self._storage_keys:
+            raise InvalidDataset(f"the .pt dataset refers to storage {pid[2]!r} that the archive does not hold")
+        return _StorageRecord(key=pid[2], numel=pid[4])
+
+
+def _pt_info(path: Path) -> DatasetInfo:
+    with _open_zip(path, ".pt") as archive:
+        infos = archive.infolist()
+        pickles = [info for info in infos if info.filename.endswith("/data.pkl") and info.filename.count("/") == 1]
+        if len(pickles) != 1:
+            raise InvalidDataset("the .pt file is not a torch.save archive (no single <name>/data.pkl); save it with torch.save")
+        prefix = pickles[0].filename.split("/", 1)[0] + "/"
+        if any(not info.filename.startswith(prefix) for info in infos):
+            raise InvalidDataset("the .pt archive has entries outside its top-level folder")
+        if pickles[0].file_size > MAX_PICKLE_BYTES:
+            raise InvalidDataset("the .pt archive's data.pkl is too large for a dataset of tensors")
+        storage_keys = {
+            info.filename[len(prefix) + len("data/") :]
+            for info in infos
+            if info.filename.startswith(prefix + "data/")
+        }
+        raw = archive.read(pickles[0])
+    try:
+        obj = _ShapeUnpickler(raw, storage_keys).load()
+    except InvalidDataset:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the client's bad file
+        raise InvalidDataset(f"the .pt dataset cannot be read: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict) or "inputs" not in obj:
+        raise InvalidDataset("the .pt dataset must be a dict with 'inputs' (and optional 'targets') tensors")
+    extra = set(obj) - {"inputs", "targets"}
+    if extra:
+        raise InvalidDataset(f"the .pt dataset has unexpected keys {sorted(map(str, extra))}; only 'inputs' and 'targets'")
+    inputs, targets = obj["inputs"], obj.get("targets")
+    if not isinstance(inputs, _TensorRecord) or (targets is not None and not isinstance(targets, _TensorRecord)):
+        raise InvalidDataset("'inputs' and 'targets' in the .pt dataset must be tensors")
+    return _check_rows(inputs.shape, None if targets is None else targets.shape)

@@ -1,0 +1,85 @@
+"""The FastAPI gateway: ``create_app(settings)``.
+
+Never imports torch or the worker; jobs reach the workers by Celery task name
+(``compactor.queue``). Tests build an app on their own ``Settings``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+
+from compactor.settings import Settings, get_settings
+from compactor.storage import StorageUnavailable
+from service.deps import Resources
+from service.errors import (
+    RETRY_AFTER_SECONDS,
+    ErrorItem,
+    Problem,
+    install_error_handlers,
+    problem_response,
+)
+from service.routes import health, jobs, uploads
+from service.schemas import JobRequest
+
+log = logging.getLogger("service")
+
+API_DESCRIPTION = """Compactor prunes, fine-tunes and INT8-quantizes PyTorch models.
+
+Authenticate with `Authorization: Bearer <api key>`. Errors are RFC 9457 problem details
+(`application/problem+json`) with a stable `code`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    resources = Resources(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        resources.close()
+
+    app = FastAPI(title="Compactor", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.resources = resources
+    # One Settings everywhere: SettingsDep answers this app's settings.
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    install_error_handlers(app)
+
+    async def _storage_unavailable(request: Any, exc: StorageUnavailable) -> Any:
+        log.warning("artifact storage unavailable: %s", exc)
+        return problem_response(
+            request, 503, "storage_unavailable", "the artifact storage is unavailable; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable)
+
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(uploads.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _, defs = models_json_schema(
+                [(Problem, "serialization"), (ErrorItem, "serialization"), (JobRequest, "validation")],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

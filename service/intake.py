@@ -1,0 +1,237 @@
+"""Submission: uploads and jobs are validated completely before anything is created or enqueued.
+
+These functions are synchronous and run in a worker thread (they stream the body,
+hash, detect formats and talk to the store and the broker). Whatever a failed
+request stored — files and upload records — is deleted before the error propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from starlette.requests import Request
+
+from compactor.compat import DatasetFacts, check_compatibility
+from compactor.dataset_info import dataset_info
+from compactor.formats import detect_dataset_format, detect_model_format
+from compactor.jobs import Job, JobStatus, Upload, new_id
+from compactor.queue import BrokerUnavailable, JobQueue
+from compactor.settings import Settings
+from compactor.spec import JobSpec, parse_spec
+from compactor.storage import LocalStorage
+from compactor.store.base import JobStore
+from service.deps import valid_id
+from service.errors import ApiError, not_found
+from service.schemas import JobRequest
+from service.uploads import Part, multipart_parts, request_budget, store_file_part
+
+log = logging.getLogger("service.intake")
+
+UploadKind = Literal["model", "dataset"]
+_PREFIX: dict[str, str] = {"model": "mdl", "dataset": "dst"}
+
+
+@dataclass
+class _Cleanup:
+    """What this request stored; undone unless ``keep()`` is called."""
+
+    storage: LocalStorage
+    store: JobStore
+    tenant: str
+    files: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+
+    def undo(self) -> None:
+        for upload_id in self.records:
+            try:
+                self.store.delete_upload(upload_id, self.tenant)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters more
+                log.exception("could not delete upload record %s", upload_id)
+        for upload_id in self.files:
+            try:
+                self.storage.delete_upload(upload_id)
+            except Exception:  # noqa: BLE001
+                log.exception("could not delete upload file %s", upload_id)
+        self.records.clear()
+        self.files.clear()
+
+
+def _missing(name: str) -> ApiError:
+    return ApiError(
+        422, "invalid_request", f"the form part {name!r} is required",
+        errors=[{"loc": ["body", name], "msg": "Field required"}],
+    )
+
+
+def _unexpected(part: Part, allowed: tuple[str, ...]) -> ApiError:
+    return ApiError(
+        422, "invalid_request", f"unexpected form part {part.name!r}; this endpoint takes {', '.join(allowed)}",
+        errors=[{"loc": ["body", part.name], "msg": "unexpected form part"}],
+    )
+
+
+def _needs_file(part: Part) -> ApiError:
+    return ApiError(
+        422, "invalid_request", f"form part {part.name!r} must be a file (Content-Disposition with a filename)",
+        errors=[{"loc": ["body", part.name], "msg": "expected a file"}],
+    )
+
+
+def _save(storage: LocalStorage, cleanup: _Cleanup, part: Part, kind: UploadKind, settings: Settings) -> tuple[str, int, str]:
+    upload_id = new_id(_PREFIX[kind])
+    cleanup.files.append(upload_id)
+    stored = store_file_part(storage, part, upload_id, settings.max_upload_bytes)
+    return upload_id, stored.size_bytes, stored.sha256
+
+
+def _describe(storage: LocalStorage, kind: UploadKind, upload_id: str, size: int, sha256: str, tenant: str) -> tuple[Upload, DatasetFacts | None]:
+    """Detect the format from the stored bytes (and count samples); raises compactor errors."""
+    path = storage.upload_path(upload_id)
+    if kind == "model":
+        fmt = detect_model_format(path)
+        return Upload(id=upload_id, tenant=tenant, kind="model", format=fmt, size_bytes=size, sha256=sha256), None
+    dfmt = detect_dataset_format(path)
+    info = dataset_info(path, dfmt)
+    upload = Upload(
+        id=upload_id, tenant=tenant, kind="dataset", format=dfmt, size_bytes=size, sha256=sha256, num_samples=info.num_samples
+    )
+    return upload, DatasetFacts(format=dfmt, num_samples=info.num_samples, has_targets=info.has_targets)
+
+
+def receive_upload(
+    request: Request, kind: UploadKind, *, settings: Settings, storage: LocalStorage, store: JobStore, tenant: str
+) -> Upload:
+    """``POST /v1/models`` and ``/v1/datasets``: one multipart part ``file``."""
+    cleanup = _Cleanup(storage, store, tenant)
+    try:
+        saved: tuple[str, int, str] | None = None
+        for part in multipart_parts(request, request_budget(settings.max_upload_bytes)):
+            if part.name != "file" or saved is not None:
+                raise _unexpected(part, ("one 'file'",))
+            if not part.is_file:
+                raise _needs_file(part)
+            saved = _save(storage, cleanup, part, kind, settings)
+        if saved is None:
+            raise _missing("file")
+        upload, _facts = _describe(storage, kind, *saved, tenant)
+        store.put_upload(upload)
+        cleanup.records.append(upload.id)
+        return upload
+    except BaseException:
+        cleanup.undo()
+        raise
+
+
+@dataclass
+class Submitted:
+    job: Job
+    created: bool  # False: an earlier job with the same Idempotency-Key was returned
+
+
+def _create_and_enqueue(
+    store: JobStore, queue: JobQueue, cleanup: _Cleanup, settings: Settings, *, spec: JobSpec,
+    model_id: str, dataset_id: str | None, idempotency_key: str | None,
+) -> Submitted:
+    job = Job(
+        id=new_id("job"),
+        tenant=cleanup.tenant,
+        spec=spec.model_dump(mode="json"),
+        model_id=model_id,
+        dataset_id=dataset_id,
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    stored = store.create_job(job)
+    if stored.id != job.id:
+        # A retry of an earlier request: that job stands, this request's uploads go.
+        cleanup.undo()
+        return Submitted(stored, created=False)
+    try:
+        queue.enqueue(stored.id, attempt=1)
+    except BrokerUnavailable:
+        # Never leave a queued job nobody will run: remove it and what came with it.
+        try:
+            store.delete_job(stored.id, cleanup.tenant)
+        except Exception:  # noqa: BLE001
+            log.exception("could not remove job %s after the broker refused it", stored.id)
+        raise
+    return Submitted(stored, created=True)
+
+
+def submit_multipart(
+    request: Request, *, settings: Settings, storage: LocalStorage, store: JobStore, queue: JobQueue,
+    tenant: str, idempotency_key: str | None,
+) -> Submitted:
+    """``POST /v1/jobs`` as multipart: parts ``model`` (file), ``dataset`` (file), ``spec`` (JSON text)."""
+    cleanup = _Cleanup(storage, store, tenant)
+    allowed = ("'model' (file)", "'dataset' (file)", "'spec' (JSON)")
+    try:
+        model: tuple[str, int, str] | None = None
+        dataset: tuple[str, int, str] | None = None
+        spec_text: str | None = None
+        for part in multipart_parts(request, request_budget(settings.max_upload_bytes)):
+            if part.name == "model" and model is None:
+                if not part.is_file:
+                    raise _needs_file(part)
+                model = _save(storage, cleanup, part, "model", settings)
+            elif part.name == "dataset" and dataset is None:
+                if not part.is_file:
+                    raise _needs_file(part)
+                dataset = _save(storage, cleanup, part, "dataset", settings)
+            elif part.name == "spec" and spec_text is None:
+                spec_text = part.read_text()
+            else:
+                raise _unexpected(part, allowed)
+        if model is None:
+            raise _missing("model")
+        spec = parse_spec(spec_text)  # pydantic.ValidationError → 422 invalid_spec (loc under "spec")
+        model_upload, _ = _describe(storage, "model", *model, tenant)
+        dataset_upload, facts = _describe(storage, "dataset", *dataset, tenant) if dataset else (None, None)
+        check_compatibility(model_upload.format, spec, facts)
+        for upload in (model_upload, dataset_upload):
+            if upload is not None:
+                store.put_upload(upload)
+                cleanup.records.append(upload.id)
+        return _create_and_enqueue(
+            store, queue, cleanup, settings, spec=spec, model_id=model_upload.id,
+            dataset_id=dataset_upload.id if dataset_upload else None, idempotency_key=idempotency_key,
+        )
+    except BaseException:
+        cleanup.undo()
+        raise
+
+
+def submit_json(
+    body: bytes, *, settings: Settings, storage: LocalStorage, store: JobStore, queue: JobQueue,
+    tenant: str, idempotency_key: str | None,
+) -> Submitted:
+    """``POST /v1/jobs`` as JSON: a spec that names ``model_id`` (and ``dataset_id``) of earlier uploads."""
+    request = JobRequest.model_validate_json(body or b"{}")
+    spec = request.to_spec()
+    model = store.get_upload(valid_id(request.model_id, "model"), tenant)
+    if model is None or model.kind != "model":
+        raise not_found("model")
+    facts: DatasetFacts | None = None
+    if request.dataset_id is not None:
+        dataset = store.get_upload(valid_id(request.dataset_id, "dataset"), tenant)
+        if dataset is None or dataset.kind != "dataset":
+            raise not_found("dataset")
+        info = dataset_info(storage.upload_path(dataset.id), dataset.format)
+        facts = DatasetFacts(format=dataset.format, num_samples=info.num_samples, has_targets=info.has_targets)
+    check_compatibility(model.format, spec, facts)
+    # Nothing was stored by this request: a failure has nothing to undo.
+    cleanup = _Cleanup(storage, store, tenant)
+    return _create_and_enqueue(
+        store, queue, cleanup, settings, spec=spec, model_id=model.id, dataset_id=request.dataset_id,
+        idempotency_key=idempotency_key,
+    )
+
+
+def revoke_attempts(job: Job) -> int:
+    """How many task ids (``<id>-1`` … ``<id>-n``) a queued job may have had sent."""
+    return max(job.attempts, 0) + 1
+
+
+__all__ = ["Submitted", "receive_upload", "revoke_attempts", "submit_json", "submit_multipart", "JobStatus"]

@@ -1,0 +1,1 @@
+"""HTTP routes: jobs, models, datasets, health."""

@@ -1,0 +1,125 @@
+"""POST /v1/models and /v1/datasets: formats from content, hashes, limits, nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import pytest
+
+from tests.service.conftest import ALICE, BOB, auth, stored_files
+
+pytestmark = pytest.mark.anyio
+
+
+async def upload(client: httpx.AsyncClient, kind: str, data: bytes, key: str = ALICE, name: str = "f.bin") -> httpx.Response:
+    return await client.post(f"/v1/{kind}", files={"file": (name, data)}, headers=auth(key))
+
+
+@pytest.mark.parametrize(("which", "fmt"), [("torchscript", "torchscript"), ("state_dict", "state_dict")])
+async def test_upload_model_detects_format_and_hashes(client, files, settings, which, fmt) -> None:
+    data = getattr(files, which)
+    response = await upload(client, "models", data, name="../../etc/passwd")  # the name is never a path
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"id", "format", "size_bytes", "sha256"}
+    assert body["format"] == fmt
+    assert body["size_bytes"] == len(data)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    stored = settings.resolved_data_dir / "uploads" / body["id"]
+    assert stored.read_bytes() == data
+    got = await client.get(f"/v1/models/{body['id']}", headers=auth(ALICE))
+    assert got.status_code == 200 and got.json() == body
+    assert (await client.get(f"/v1/models/{body['id']}", headers=auth(BOB))).status_code == 404
+
+
+@pytest.mark.parametrize(("which", "fmt", "samples"), [("dataset_pt", "pt", 12), ("dataset_npz", "npz", 12), ("dataset_npz_unlabeled", "npz", 7)])
+async def test_upload_dataset_counts_samples(client, files, which, fmt, samples) -> None:
+    data = getattr(files, which)
+    response = await upload(client, "datasets", data)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["format"] == fmt and body["num_samples"] == samples
+    assert body["sha256"] == hashlib.sha256(data).hexdigest() and body["size_bytes"] == len(data)
+
+
+async def test_unsafe_model_is_refused_and_not_kept(client, files, settings) -> None:
+    response = await upload(client, "models", files.unsafe)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == "unsafe_model"
+    assert "TorchScript" in problem["detail"]
+    assert stored_files(settings) == []
+
+
+async def test_unknown_model_format_is_415(client, files, settings) -> None:
+    response = await upload(client, "models", files.not_a_model)
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_model_format"
+    assert stored_files(settings) == []
+
+
+async def test_model_file_as_dataset_is_invalid_dataset(client, files, settings) -> None:
+    response = await upload(client, "datasets", files.torchscript)
+    assert response.status_code == 422 and response.json()["code"] == "invalid_dataset"
+    assert stored_files(settings) == []
+
+
+async def test_missing_and_unexpected_parts(client, files, settings) -> None:
+    missing = await client.post("/v1/models", files={"other": ("x", b"123")}, headers=auth(ALICE))
+    assert missing.status_code == 422 and missing.json()["code"] == "invalid_request"
+    assert missing.json()["errors"][0]["loc"] == ["body", "other"]
+    empty_form = await client.post(
+        "/v1/models", headers={**auth(ALICE), "content-type": "multipart/form-data; boundary=abc"}, content=b"--abc--\r\n"
+    )
+    assert empty_form.status_code == 422 and empty_form.json()["errors"][0]["loc"] == ["body", "file"]
+    assert stored_files(settings) == []
+
+
+async def test_non_multipart_upload_is_415(client) -> None:
+    response = await client.post("/v1/models", content=json.dumps({"a": 1}), headers={**auth(ALICE), "content-type": "application/json"})
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_media_type"
+
+
+@pytest.fixture()
+def small_settings(make_settings):
+    return make_settings(max_upload_bytes=4096)
+
+
+@pytest.fixture()
+def small_app(small_settings):
+    from service.app import create_app
+
+    return create_app(small_settings)
+
+
+async def test_payload_too_large_by_content_length(small_app, small_settings, files) -> None:
+    big = files.torchscript + b"\0" * (200 * 1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=small_app), base_url="http://t") as c:
+        response = await c.post("/v1/models", files={"file": ("m", big)}, headers=auth(ALICE))
+        job = await c.post("/v1/jobs", files={"model": ("m", big)}, headers=auth(ALICE))
+    assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+    assert job.status_code == 413 and job.json()["code"] == "payload_too_large"
+    assert stored_files(small_settings) == []
+
+
+async def test_payload_too_large_when_streamed_without_length(small_app, small_settings) -> None:
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m"\r\n\r\n'.encode()
+
+    async def body():
+        yield head
+        for _ in range(10):  # 10 KiB of file data, in chunks, with no Content-Length
+            yield b"\1" * 1024
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=small_app), base_url="http://t") as c:
+        response = await c.post(
+            "/v1/models", content=body(), headers={**auth(ALICE), "content-type": f"multipart/form-data; boundary={boundary}"}
+        )
+    assert response.status_code == 413, response.text
+    assert response.json()["code"] == "payload_too_large"
+    assert stored_files(small_settings) == []
