@@ -1,0 +1,230 @@
+"""The whole core, end to end, on real models and real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from compactor.errors import Cancelled, CompactorError
+from compactor.spec import JobSpec
+from tests.helpers import TinyCNN, top1
+from worker.compression.data import Dataset, split_dataset
+from worker.compression.loading import LoadedModel, load_model
+from worker.compression.pipeline import BenchmarkOptions, compress, compress_files
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+QUICK = BenchmarkOptions(warmup=1, runs=3)
+
+
+@pytest.fixture(scope="module")
+def digits_split(digits):
+    train_x, train_y, _, _ = digits
+    return split_dataset(Dataset(inputs=train_x, targets=train_y), 0.2, 0)
+
+
+def _spec(**sections) -> JobSpec:
+    return JobSpec.model_validate({"model": {"input_shape": [1, 1, 8, 8]}, **sections})
+
+
+def _load_in_fresh_process(path: Path, shape: list[int]) -> list[int]:
+    """Load model.ts with plain torch in a new interpreter (no Compactor import) and run it."""
+    code = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(path)!r})\n"
+        f"print(list(m(torch.randn({shape})).shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_channel_prune_finetune_int8_keeps_accuracy_and_shrinks(tiny_cnn, digits, digits_split, tmp_path) -> None:
+    _, _, test_x, test_y = digits
+    before = top1(tiny_cnn, test_x, test_y)
+    assert before >= 0.90
+    spec = _spec(
+        prune={"granularity": "channel", "amount": 0.5},
+        finetune={"epochs": 2, "lr": 0.01},
+        quantize={"mode": "static"},
+    )
+    seen: list[tuple[str, float]] = []
+    result = compress(tiny_cnn, spec, digits_split, progress=lambda stage, f: seen.append((stage, f)), out_dir=tmp_path, benchmark=QUICK)
+    after = top1(result.model, test_x, test_y)
+    metrics = result.metrics
+    assert before - after <= 0.03, (before, after)
+    assert metrics["ratios"]["size"] <= 0.3
+    assert metrics["ratios"]["macs"] <= 0.35
+    assert metrics["export_check"]["ok"] is True
+    # progress is monotonic and stays below 1.0 (1.0 is the worker's "succeeded")
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] < 1.0 and fractions[-1] > 0.9
+    assert {stage for stage, _ in seen} >= {"score", "prune", "finetune", "quantize", "export", "benchmark"}
+    # contract metrics are present
+    for side in ("original", "compressed"):
+        block = metrics[side]
+        assert block["params"] > 0 and block["size_bytes"] > 0 and block["macs"] > 0
+        assert set(block["latency_ms"]["cpu"]) == {"batch_1", "batch_32"}
+        assert block["accuracy"]["top1"] > 0.9
+    assert metrics["compressed"]["params"] < metrics["original"]["params"]
+    assert 0.0 < metrics["fidelity"]["top1_agreement"] <= 1.0
+    layer = next(row for row in metrics["layers"] if row["name"] == "features.3")
+    assert layer["channels_after"] < layer["channels_before"] == 64
+    head = next(row for row in metrics["layers"] if row["name"] == "classifier")
+    assert head["channels_after"] == head["channels_before"] == 10
+    assert metrics["quantization"]["mode"] == "static"
+    assert metrics["environment"]["cpu_threads"] >= 1
+    # artifacts on disk: model.ts and report.json; no model.pt since the architecture changed
+    assert set(result.artifacts) == {"model.ts", "report.json"}
+    assert json.loads((tmp_path / "report.json").read_text())["ratios"] == metrics["ratios"]
+    assert _load_in_fresh_process(tmp_path / "model.ts", [3, 1, 8, 8]) == [3, 10]
+
+
+def test_unstructured_iterative_prune_keeps_sparsity_and_says_it_does_not_shrink(tiny_cnn, digits_split, tmp_path) -> None:
+    spec = _spec(
+        prune={"granularity": "unstructured", "amount": 0.6, "steps": 2, "criterion": "taylor"},
+        finetune={"epochs": 2, "lr": 0.01, "optimizer": "adamw"},
+    )
+    result = compress(tiny_cnn, spec, digits_split, out_dir=tmp_path, benchmark=QUICK)
+    layers = result.metrics["layers"]
+    weights = sum(row["params"] for row in layers if row["name"] != "classifier")
+    zeros = sum(row["params"] * row["sparsity"] for row in layers if row["name"] != "classifier")
+    assert zeros / weights == pytest.approx(0.6, abs=0.01)
+    assert result.metrics["compressed"]["nonzero_params"] < 0.5 * result.metrics["original"]["nonzero_params"]
+    assert any("do not shrink" in note for note in result.metrics["notes"])
+    # the architecture did not change: model.pt loads into a fresh TinyCNN, zeros included
+    fresh = TinyCNN()
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    convs = [module.weight for module in fresh.modules() if isinstance(module, torch.nn.Conv2d)]
+    zero_fraction = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
+    assert zero_fraction == pytest.approx(0.6, abs=0.01)
+
+
+def test_target_search_reports_every_point_and_meets_a_loose_budget(tiny_cnn, digits_split) -> None:
+    spec = _spec(
+        prune={"granularity": "channel", "amount": 0.5},
+        finetune={"epochs": 1, "lr": 0.01},
+        target={"max_accuracy_drop": 0.05, "max_trials": 3},
+    )
+    result = compress(tiny_cnn, spec, digits_split, benchmark=QUICK)
+    search = result.metrics["search"]
+    assert search["budget_met"] is True
+    assert search["chosen_amount"] == 0.5 and len(search["points"]) == 1
+    assert search["points"][0]["within_budget"] is True
+
+
+def test_target_search_that_cannot_meet_the_budget_returns_the_best_point(tiny_cnn, digits_split) -> None:
+    spec = _spec(
+        prune={"granularity": "channel", "amount": 0.9, "criterion": "random"},
+        target={"max_accuracy_drop": 0.0, "max_trials": 2},
+    )
+    result = compress(tiny_cnn, spec, digits_split, benchmark=QUICK)
+    search = result.metrics["search"]
+    assert search["budget_met"] is False
+    assert search["missed_by"] > 0
+    assert [point["amount"] for point in search["points"]] == [0.9, 0.45]
+    best = max(search["points"], key=lambda point: point["top1"])
+    assert search["chosen_amount"] == best["amount"]
+
+
+def test_cancellation_stops_between_batches(tiny_cnn, digits_split) -> None:
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    spec = _spec(prune={"granularity": "channel", "amount": 0.3}, finetune={"epochs": 50})
+    with pytest.raises(Cancelled):
+        compress(tiny_cnn, spec, digits_split, should_cancel=should_cancel, benchmark=QUICK)
+    assert calls["n"] == 6
+
+
+def test_without_a_dataset_quantizes_on_random_inputs_and_says_why_there_is_no_accuracy(tiny_cnn) -> None:
+    result = compress(tiny_cnn, _spec(quantize={"mode": "dynamic"}), None, benchmark=QUICK)
+    metrics = result.metrics
+    assert metrics["original"]["accuracy"] is None and metrics["compressed"]["accuracy"] is None
+    assert any("no dataset" in note for note in metrics["notes"])
+    assert metrics["environment"]["dataset"]["synthetic"] is True
+    assert {row["name"] for row in metrics["quantization"]["float_layers"]} >= {"features.0"}
+    assert 0.0 <= metrics["fidelity"]["output_cosine"] <= 1.0
+
+
+def test_torchscript_upload_unstructured_and_static_int8(tiny_cnn, digits_split, tmp_path) -> None:
+    path = tmp_path / "tiny.ts"
+    torch.jit.save(torch.jit.script(tiny_cnn), path)
+    loaded = load_model(path, JobSpec().model)
+    assert loaded.scripted
+    spec = _spec(prune={"granularity": "unstructured", "amount": 0.5}, finetune={"epochs": 1}, quantize={"mode": "static"})
+    result = compress(loaded, spec, digits_split, out_dir=tmp_path / "out", benchmark=QUICK)
+    assert result.metrics["compressed"]["accuracy"]["top1"] > 0.85
+    assert result.metrics["ratios"]["size"] < 0.5
+    assert result.metrics["environment"]["model_format"] == "torchscript"
+
+
+def test_channel_pruning_of_a_torchscript_upload_is_refused(tiny_cnn, digits_split, tmp_path) -> None:
+    path = tmp_path / "tiny.ts"
+    torch.jit.save(torch.jit.script(tiny_cnn), path)
+    with pytest.raises(CompactorError) as info:
+        compress(load_model(path, JobSpec().model), _spec(prune={"granularity": "channel"}), digits_split)
+    assert info.value.code == "unsupported_combination" and info.value.field == "prune.granularity"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11", "mobilenet_v3_small"])
+def test_channel_pruning_of_torchvision_models_exports_loadable_torchscript(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    spec = JobSpec.model_validate({"model": {"input_shape": [1, 3, 32, 32]}, "prune": {"granularity": "channel", "amount": 0.5}})
+    result = compress(LoadedModel(module=model, format="state_dict", scripted=False, arch=arch), spec, None, out_dir=tmp_path, benchmark=BenchmarkOptions(warmup=1, runs=2))
+    assert result.metrics["ratios"]["params"] < 0.6
+    assert result.metrics["ratios"]["macs"] < 0.6
+    assert _load_in_fresh_process(tmp_path / "model.ts", [2, 3, 32, 32]) == [2, 10]
+
+
+def _state_dict_file(tmp_path: Path) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("truncated", "invalid_model"),
+        ("random_bytes", "unsupported_model_format"),
+        ("pickled_module", "unsafe_model"),
+        ("wrong_arch", "invalid_model"),
+        ("mismatched_dataset", "invalid_dataset"),
+        ("nan_dataset", "invalid_dataset"),
+    ],
+)
+def test_bad_inputs_fail_with_their_code(case: str, code: str, tmp_path: Path) -> None:
+    spec = JobSpec.model_validate({"model": {"arch": "resnet18", "arch_kwargs": {"num_classes": 10}}, "quantize": {"mode": "dynamic"}})
+    model_path = _state_dict_file(tmp_path)
+    dataset_path = None
+    if case == "truncated":
+        model_path.write_bytes(model_path.read_bytes()[:5000])
+    elif case == "random_bytes":
+        model_path.write_bytes(torch.randint(0, 255, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).numpy().tobytes())
+    elif case == "pickled_module":
+        torch.save(TinyCNN(), model_path)  # unsafe-on-purpose
+    elif case == "wrong_arch":
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"arch": "resnet34"})})
+    elif case == "mismatched_dataset":
+        dataset_path = tmp_path / "data.pt"
+        torch.save({"inputs": torch.randn(10, 3, 32, 32), "targets": torch.zeros(9, dtype=torch.long)}, dataset_path)
+    elif case == "nan_dataset":
+        dataset_path = tmp_path / "data.pt"
+        inputs = torch.randn(10, 3, 32, 32)
+        inputs[3, 0, 0, 0] = float("nan")
+        torch.save({"inputs": inputs, "targets": torch.zeros(10, dtype=torch.long)}, dataset_path)
+    with pytest.raises(CompactorError) as info:
+        compress_files(model_path, spec, tmp_path / "out", dataset_path=dataset_path, benchmark=QUICK)
+    assert info.value.code == code, info.value.message
+    assert "Traceback" not in info.value.message
