@@ -1,4 +1,301 @@
+"""The ``compactor`` command.
+
+    compactor serve   [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--workers N | --gpus 0,1] [--insecure]
+    compactor gateway [--host ...] [--port ...] [--data-dir DIR] [--insecure]
+    compactor worker  [--gpu N] [--concurrency 1] [--data-dir DIR] [--name NAME]
+    compactor submit|status|list|cancel|download ...   (client commands, when installed)
+
+``serve`` is the embedded default: one process tree (see ``compactor.processes``)
+with the gateway and N solo-pool workers, the filesystem broker, the SQLite job
+store and artifacts under the data directory. ``gateway`` and ``worker`` are the
+distributed topology's two halves (``COMPACTOR_BROKER_URL`` / ``COMPACTOR_STORE_URL``
+pointing at Redis). Configuration is by environment (``COMPACTOR_*``); options
+given here are written into the environment so that child processes see them too.
+
+Nothing here imports torch: the worker's parent must not touch CUDA before
+``CUDA_VISIBLE_DEVICES`` is set, and the gateway never loads it at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
 import sys
-def main() -> int:
-    print("compactor")
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("compactor")
+
+EXIT_USAGE = 2
+
+
+def _apply_environment(args: argparse.Namespace) -> None:
+    """Options → COMPACTOR_* variables, so Settings here and in every child agree."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir:
+        os.environ["COMPACTOR_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
+    elif "COMPACTOR_DATA_DIR" in os.environ:
+        # Children may start in another directory: pin a relative path now.
+        os.environ["COMPACTOR_DATA_DIR"] = str(Path(os.environ["COMPACTOR_DATA_DIR"]).expanduser().resolve())
+    for name in ("host", "port"):
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"COMPACTOR_{name.upper()}"] = str(value)
+    if getattr(args, "insecure", False):
+        os.environ["COMPACTOR_INSECURE"] = "true"
+    from compactor.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(process)d] %(name)s: %(message)s")
+
+
+def _check_bind(settings: object) -> str | None:
+    """The refusal message when open mode would listen beyond loopback, else None."""
+    from service.auth import check_bind_allowed
+
+    try:
+        check_bind_allowed(settings)  # type: ignore[arg-type]
+    except RuntimeError as exc:
+        return str(exc)
+    except ValueError as exc:  # malformed COMPACTOR_API_KEYS / key file
+        return f"invalid API key configuration: {exc}"
+    return None
+
+
+# -- serve
+
+
+def _requeue_unfinished() -> int:
+    """Enqueue every queued or running job again: a stop (or crash) lost their messages.
+
+    Duplicates are harmless: a delivery whose job is finished or leased by a live
+    attempt does nothing; a job left running by a killed worker is claimed once its
+    lease runs out (the reaper re-queues it)."""
+    from compactor.queue import CeleryJobQueue
+    from compactor.settings import get_settings
+    from compactor.store import open_store
+
+    settings = get_settings()
+    store = open_store(settings.effective_store_url)
+    queue = CeleryJobQueue(settings)
+    try:
+        jobs = store.unfinished_jobs()
+        for job in jobs:
+            queue.enqueue(job.id, job.attempts + 1)
+        return len(jobs)
+    finally:
+        queue.close()
+        store.close()
+
+
+def _self_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "compactor.cli", *args]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from compactor.processes import ChildSpec, Supervisor
+    from compactor.settings import get_settings
+
+    _apply_environment(args)
+    settings = get_settings()
+    refusal = _check_bind(settings)
+    if refusal:
+        print(f"compactor serve: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
+    gpus = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()] if args.gpus else []
+    if any(not gpu.isdigit() for gpu in gpus):
+        print("compactor serve: --gpus takes GPU indices, e.g. --gpus 0,1", file=sys.stderr)
+        return EXIT_USAGE
+    if gpus:
+        # One worker process per GPU, each seeing only its own device.
+        args.workers = len(gpus)
+    if args.workers < 1:
+        print("compactor serve: --workers must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    # Every child must use this very directory, whatever directory it starts in.
+    os.environ["COMPACTOR_DATA_DIR"] = str(settings.resolved_data_dir)
+    try:
+        requeued = _requeue_unfinished()
+    except Exception as exc:  # noqa: BLE001 - a store or broker that cannot be reached: say so, exit
+        print(f"compactor serve: cannot reach the job store or broker: {exc}", file=sys.stderr)
+        return 1
+    if requeued:
+        log.info("re-enqueued %d unfinished job(s) from the last run", requeued)
+
+    gateway = ["gateway", "--host", settings.host, "--port", str(settings.port)]
+    if settings.insecure:
+        gateway.append("--insecure")
+    env = dict(os.environ)
+    specs = [ChildSpec("gateway", _self_command(*gateway), env, restart=False)]
+    for index in range(1, args.workers + 1):
+        worker = ["worker", "--name", f"worker{index}@%h"]
+        if gpus:
+            worker += ["--gpu", gpus[index - 1]]
+        specs.append(ChildSpec(f"worker{index}", _self_command(*worker), env))
+    log.info(
+        "serving on http://%s:%d with %d worker(s); data in %s", settings.host, settings.port, args.workers, settings.resolved_data_dir
+    )
+    return Supervisor(specs, stop_timeout=args.stop_timeout).run()
+
+
+# -- gateway
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from compactor.processes import bind_to_parent
+
+    bind_to_parent()
+    _apply_environment(args)
+    from compactor.settings import get_settings
+
+    settings = get_settings()
+    refusal = _check_bind(settings)
+    if refusal:
+        print(f"compactor gateway: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    # Drain in-flight requests for a bounded time on SIGTERM; an upload must not block a stop.
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10, log_level="info")
     return 0
+
+
+# -- worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from compactor.processes import bind_to_parent
+
+    bind_to_parent()
+    if args.concurrency < 1:
+        print("compactor worker: --concurrency must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.gpu is not None:
+        if args.concurrency != 1:
+            print("compactor worker: a GPU worker runs one job at a time (--concurrency 1)", file=sys.stderr)
+            return EXIT_USAGE
+        # Before anything can import torch: this process sees exactly one GPU, as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        from worker.runtime import WORKER_DEVICE_ENV
+
+        os.environ[WORKER_DEVICE_ENV] = "cuda"
+    _apply_environment(args)
+    from compactor.settings import get_settings
+
+    settings = get_settings()
+    name = args.name or (f"gpu{args.gpu}@%h" if args.gpu is not None else f"compactor-{os.getpid()}@%h")
+    from worker.celery_app import app
+
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        # solo: the job runs in this process, so CUDA is initialised in exactly one place.
+        # prefork (CPU-only, --concurrency > 1): the parent never imports torch, children do.
+        "--pool=solo" if args.concurrency == 1 else "--pool=prefork",
+        f"--concurrency={args.concurrency}",
+        f"--queues={settings.queue_name}",
+        f"--hostname={name}",
+        # No cluster chatter at start-up (mingle waits for replies) or per second (gossip,
+        # event heartbeats): the store, not the broker, tracks who is alive.
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
+# -- parser
+
+
+def _add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # The HTTP client commands live in another module that may not be installed.
+    try:
+        module = importlib.import_module("compactor.client_cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "compactor.client_cli":
+            raise
+        return
+    module.add_client_commands(subparsers)
+
+
+def _default_host() -> str:
+    return os.environ.get("COMPACTOR_HOST", "127.0.0.1")
+
+
+def _default_port() -> int:
+    return int(os.environ.get("COMPACTOR_PORT", "8000"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compactor", description="Compress PyTorch models behind a REST API.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def listen_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--host", default=_default_host(), help="address to listen on (default 127.0.0.1)")
+        sub.add_argument("--port", type=int, default=_default_port(), help="port to listen on (default 8000)")
+        sub.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow listening on a non-loopback address with no API keys configured",
+        )
+
+    def data_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--data-dir", help="broker folders, job store and artifacts (default $COMPACTOR_DATA_DIR or ./compactor-data)"
+        )
+
+    serve = subparsers.add_parser("serve", help="gateway + workers in one process tree (embedded default)")
+    listen_options(serve)
+    data_option(serve)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes, one job each at a time (default 1)")
+    serve.add_argument(
+        "--gpus", help="comma-separated GPU indices: one worker per GPU (overrides --workers), e.g. 0,1"
+    )
+    serve.add_argument(
+        "--stop-timeout", type=float, default=30.0, help="seconds children get to stop before they are killed"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    gateway = subparsers.add_parser("gateway", help="the HTTP gateway alone (distributed topology)")
+    listen_options(gateway)
+    data_option(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = subparsers.add_parser("worker", help="one worker process (distributed topology)")
+    data_option(worker)
+    worker.add_argument("--gpu", type=int, help="run on this GPU only (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once; >1 uses a CPU-only prefork pool")
+    worker.add_argument("--name", help="Celery node name (default compactor-<pid>@<host>)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    _add_client_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in {"serve", "gateway", "worker"}:
+        # Services log; client commands print their results and keep stderr for errors.
+        _configure_logging()
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
