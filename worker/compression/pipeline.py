@@ -42,8 +42,7 @@ from worker.compression.pruning import (
     recalibrate_batchnorm,
     scoring_parameters,
 )
-from worker.compression.quantization import quantize, torchscript_has_int8_ops
-from worker.compression.quantization.ao_backend import is_quantized_module
+from worker.compression.quantization import quantize
 
 SYNTHETIC_SAMPLES = 256
 
@@ -195,11 +194,20 @@ class _Pipeline:
         self.plan = plan
         self.clock = clock
         self.benchmark = benchmark
+        # The caller's model stays untouched on the CPU; GPU work uses a copy.
         self.original = model.eval()
+        self._original_on_device: nn.Module | None = None
         self.batch_size = spec.data.batch_size
         self.example = data.val.inputs[:1].clone() if len(data.val.inputs) else data.train.inputs[:1].clone()
         self.input_shape = [1, *self.example.shape[1:]]
         self._epoch = 0
+
+    def original_on(self, device: torch.device) -> nn.Module:
+        if device.type == "cpu":
+            return self.original
+        if self._original_on_device is None:
+            self._original_on_device = _clone(self.original).to(device).eval()
+        return self._original_on_device
 
     # -- data feeds ---------------------------------------------------------------------------
     def train_batches(self, device: torch.device | None = None) -> BatchSource:
@@ -228,7 +236,7 @@ class _Pipeline:
         teacher = None
         finetune_spec = self.spec.finetune if not self.data.synthetic else None
         if finetune_spec is not None and (finetune_spec.distill is not None or not self.data.has_targets):
-            teacher = self.original.to(device)
+            teacher = self.original_on(device)
         trial = Trial(amount=prune.amount if prune else 0.0, float_model=model, deployable=model, accuracy=None)
         epochs_total = finetune_spec.epochs if finetune_spec is not None else 0
 
@@ -308,13 +316,19 @@ class _Pipeline:
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float] | None:
         if not self.data.has_targets:
             return None
-        return measure.evaluate_accuracy(model.to(device) if not _is_quantized(model) else model, self.val_batches(device), device)
+        return measure.evaluate_accuracy(model, self.val_batches(device), device)
 
+    def deployable_device(self, trial: Trial) -> torch.device:
+        # INT8 kernels (static and dynamic) exist only for the CPU.
+        return torch.device("cpu") if trial.quantization is not None else self.ctx.device
 
-def _is_quantized(model: nn.Module) -> bool:
-    if isinstance(model, torch.jit.ScriptModule):
-        return torchscript_has_int8_ops(model)
-    return is_quantized_module(model)
+    def evaluate_trial(self, trial: Trial) -> dict[str, float] | None:
+        device = self.deployable_device(trial)
+        try:
+            return self.evaluate(trial.deployable.to(device), device)
+        finally:
+            # Export and INT8 work happen on the CPU; a trial must not stay on the GPU.
+            trial.deployable.to("cpu")
 
 
 def _search(pipeline: _Pipeline, original_top1: float, log: list[dict[str, Any]]) -> tuple[Trial, dict[str, Any]]:
@@ -336,7 +350,7 @@ def _search(pipeline: _Pipeline, original_top1: float, log: list[dict[str, Any]]
         tried.add(amount)
         trial = pipeline.run_trial(spec.prune.model_copy(update={"amount": amount}))
         with pipeline._stage("evaluate", STAGE_WEIGHTS["evaluate"] / 2):
-            trial.accuracy = pipeline.evaluate(trial.deployable, torch.device("cpu") if _is_quantized(trial.deployable) else pipeline.ctx.device)
+            trial.accuracy = pipeline.evaluate_trial(trial)
         top1 = trial.accuracy["top1"] if trial.accuracy else 0.0
         drop = original_top1 - top1
         within = drop <= budget + 1e-9
@@ -409,8 +423,7 @@ def compress(
         )
 
     with pipeline._stage("evaluate", STAGE_WEIGHTS["evaluate"]):
-        original_accuracy = pipeline.evaluate(module, ctx.device)
-        module.to("cpu")
+        original_accuracy = pipeline.evaluate(pipeline.original_on(ctx.device), ctx.device)
 
     search_summary: dict[str, Any] | None = None
     if spec.target is not None:
@@ -440,12 +453,12 @@ def compress(
             artifacts["model.pt"] = state_path
 
     with pipeline._stage("evaluate", STAGE_WEIGHTS["evaluate"]):
-        quantized = _is_quantized(trial.deployable)
-        eval_device = torch.device("cpu") if quantized else ctx.device
+        eval_device = pipeline.deployable_device(trial)
         if trial.accuracy is None:
-            trial.accuracy = pipeline.evaluate(trial.deployable, eval_device)
-        fidelity = measure.fidelity(module.to(ctx.device), trial.deployable.to(eval_device), pipeline.val_batches(None), ctx.device, eval_device)
-        module.to("cpu")
+            trial.accuracy = pipeline.evaluate_trial(trial)
+        fidelity = measure.fidelity(
+            pipeline.original_on(ctx.device), trial.deployable.to(eval_device), pipeline.val_batches(None), ctx.device, eval_device
+        )
         trial.deployable.to("cpu")
 
     with pipeline._stage("benchmark", STAGE_WEIGHTS["benchmark"]):
@@ -462,13 +475,14 @@ def compress(
         )
         cuda_latency: dict[str, Any] = {}
         if ctx.device.type == "cuda":
-            cuda_models: dict[str, Any] = {"original": copy.deepcopy(module).to(ctx.device).eval()}
-            if not quantized:
-                cuda_models["compressed"] = copy.deepcopy(trial.float_model).to(ctx.device).eval()
+            cuda_models: dict[str, Any] = {"original": pipeline.original_on(ctx.device)}
+            if trial.quantization is None:
+                cuda_models["compressed"] = trial.float_model.to(ctx.device).eval()
             cuda_latency = measure.measure_latency(
                 cuda_models, pipeline.input_shape, batch_sizes=benchmark.batch_sizes, device="cuda",
                 threads=threads, warmup=benchmark.warmup, runs=benchmark.runs,
             )
+            trial.float_model.to("cpu")
 
     plan.report("benchmark", 1.0)
     metrics = _report(
