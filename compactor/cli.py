@@ -133,6 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.insecure:
         gateway.append("--insecure")
     env = dict(os.environ)
+    if "COMPACTOR_TORCH_THREADS" not in env:
+        # One machine shared by the gateway and the workers: keep a core for the gateway.
+        env["COMPACTOR_TORCH_THREADS"] = str(max(1, ((os.cpu_count() or 2) - 1) // args.workers))
     specs = [ChildSpec("gateway", _self_command(*gateway), env, restart=False)]
     for index in range(1, args.workers + 1):
         worker = ["worker", "--name", f"worker{index}@%h"]
@@ -166,7 +169,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     # Drain in-flight requests for a bounded time on SIGTERM; an upload must not block a stop.
-    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10, log_level="info")
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10, log_level="info", access_log=settings.access_log
+    )
     return 0
 
 

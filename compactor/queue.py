@@ -72,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             # Exchange tables (fanout for remote control, e.g. revoke); kombu's default is ./control.
             "control_folder": str(folders["control"]),
+            # kombu sleeps this long after an empty poll (default 1 s): it bounds submit → running.
+            "polling_interval": 0.1,
         }
     else:
         transport_options = {

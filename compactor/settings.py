@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     job_soft_time_limit: float = Field(default=6 * 3600.0, description="seconds before a job is stopped with 'timeout'")
     job_hard_time_limit: float = 6 * 3600.0 + 300.0
     queue_name: str = "compactor"
+    # Torch threads per worker process; None = torch's default (all cores). `compactor serve`
+    # leaves one core to the gateway so status polls stay fast while a job trains.
+    torch_threads: int | None = Field(default=None, ge=1)
+    # uvicorn's per-request access log; off by default (dashboards poll every second).
+    access_log: bool = False
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -15,7 +15,7 @@ from fastapi import Depends, Header, Path, Request
 
 from compactor.jobs import Job
 from compactor.queue import CeleryJobQueue, JobQueue
-from compactor.settings import Settings, get_settings
+from compactor.settings import Settings
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from compactor.store.base import JobStore
@@ -69,16 +69,25 @@ class Resources:
             self._queue = None
 
 
-def get_resources(request: Request) -> Resources:
+# These are async on purpose: they only read app state, and a sync dependency costs a
+# threadpool round trip on every request (it dominated the status-poll latency).
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
 
+async def get_app_settings(request: Request) -> Settings:
+    """This app's settings (``create_app(settings)``); tests build apps on their own."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def get_store(resources: ResourcesDep) -> JobStore:
+    # Sync: the first call opens the store (blocking I/O), so it runs in the threadpool.
     return resources.store
 
 

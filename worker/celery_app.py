@@ -68,6 +68,12 @@ def _preload_core(**_: Any) -> None:
     started = time.perf_counter()
     import worker.compression.pipeline  # noqa: F401
 
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
     log.info("compression core loaded in %.1fs", time.perf_counter() - started)
 
 
