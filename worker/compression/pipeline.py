@@ -232,6 +232,8 @@ class _Pipeline:
     def run_trial(self, prune: PruneSpec | None) -> Trial:
         ctx = self.ctx
         device = ctx.device
+        # Every trial sees the same data order, so two prune amounts differ only by the amount.
+        self._epoch = 0
         model = _clone(self.original).to(device)
         teacher = None
         finetune_spec = self.spec.finetune if not self.data.synthetic else None
