@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compactor.errors import InvalidDataset
+from compactor.formats import parse_npy_header
 
 MAX_ZIP_ENTRIES = 10_000
 MAX_PICKLE_BYTES = 16 * 1024 * 1024
@@ -75,24 +76,10 @@ def _check_rows(inputs: tuple[int, ...], targets: tuple[int, ...] | None) -> Dat
 
 
 def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
-    import numpy as np
-    from numpy.lib import format as npy_format
-
-    with archive.open(member) as handle:
-        head = io.BytesIO(handle.read(MAX_NPY_HEADER_BYTES))
-    try:
-        version = npy_format.read_magic(head)
-        if version == (1, 0):
-            shape, _fortran, dtype = npy_format.read_array_header_1_0(head, max_header_size=MAX_NPY_HEADER_BYTES)
-        elif version in ((2, 0), (3, 0)):
-            shape, _fortran, dtype = npy_format.read_array_header_2_0(head, max_header_size=MAX_NPY_HEADER_BYTES)
-        else:  # pragma: no cover - numpy raises for unknown versions already
-            raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidDataset(f"array {member!r} in the .npz has an unreadable header: {exc}") from None
-    if dtype.hasobject or dtype == np.dtype(object):
-        raise InvalidDataset(f"array {member!r} holds Python objects; only numeric arrays are accepted")
-    return tuple(int(dim) for dim in shape)
+    info = archive.getinfo(member)
+    with archive.open(info) as handle:
+        head = handle.read(MAX_NPY_HEADER_BYTES)
+    return parse_npy_header(head, info.file_size, member).shape
 
 
 def _npz_info(path: Path) -> DatasetInfo:
