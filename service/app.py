@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
 
 from compactor.settings import Settings, get_settings
 from compactor.storage import StorageUnavailable
@@ -42,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Open the store, storage and queue now (in a thread: it is blocking I/O), so that
+        # requests find them open and their dependencies never need a threadpool hop.
+        await run_in_threadpool(resources.open)
         yield
         resources.close()
 

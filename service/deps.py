@@ -1,17 +1,26 @@
 """FastAPI dependencies: ``SettingsDep``, ``StoreDep``, ``StorageDep``, ``QueueDep``, ``TenantDep``, ``JobDep``.
 
 The store, storage, queue and key ring are built once per app (``Resources``, on
-``app.state``) from the app's ``Settings``. Sync dependencies run in FastAPI's
-threadpool, so blocking store reads never run on the event loop.
+``app.state``) from the app's ``Settings``; the app's lifespan opens them at start-up
+(``Resources.open``), and whatever is not open yet (start-up failed, or an app driven
+without its lifespan, as in tests) opens on first use in a worker thread.
+
+Every dependency here is async: a sync dependency costs a threadpool round trip per
+request, and the status poll used to take three. Blocking work still never runs on the
+event loop: ``JobDep`` reads the store in one worker-thread hop (opening it there too
+when it is not open yet), and ``StoreDep``/``StorageDep``/``QueueDep`` hop only when
+what they return still has to be opened.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 
 from compactor.jobs import Job
 from compactor.queue import CeleryJobQueue, JobQueue
@@ -22,12 +31,14 @@ from compactor.store.base import JobStore
 from service.auth import DEFAULT_TENANT, KeyRing, bearer_token
 from service.errors import ApiError, not_found
 
+log = logging.getLogger("service")
+
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 
 class Resources:
-    """The app's store, storage, queue and key ring; the store and queue open on first use."""
+    """The app's store, storage, queue and key ring: opened by ``open()`` at start-up, else on first use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -58,6 +69,31 @@ class Resources:
                 self._queue = CeleryJobQueue(self.settings)
             return self._queue
 
+    # What is open already, without opening anything (never blocks; None if not open yet).
+    @property
+    def opened_store(self) -> JobStore | None:
+        return self._store
+
+    @property
+    def opened_storage(self) -> LocalStorage | None:
+        return self._storage
+
+    @property
+    def opened_queue(self) -> JobQueue | None:
+        return self._queue
+
+    def open(self) -> None:
+        """Open the store, storage and queue now (blocking; the lifespan runs it in a thread).
+
+        Best effort: what cannot be opened yet is logged and left to open on first use, so a
+        store or storage that is down at start-up gives 503s and a failing /readyz, as before,
+        not a gateway that refuses to start."""
+        for name in ("store", "storage", "queue"):
+            try:
+                getattr(self, name)
+            except Exception as exc:  # noqa: BLE001 - retried on first use, where it becomes a 503
+                log.warning("could not open the %s at start-up (retried on first use): %s", name, exc)
+
     def close(self) -> None:
         with self._lock:
             if self._store is not None:
@@ -86,17 +122,20 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_store(resources: ResourcesDep) -> JobStore:
-    # Sync: the first call opens the store (blocking I/O), so it runs in the threadpool.
-    return resources.store
+async def get_store(resources: ResourcesDep) -> JobStore:
+    # Opening the store is blocking I/O: only then is there a threadpool hop.
+    opened = resources.opened_store
+    return opened if opened is not None else await run_in_threadpool(lambda: resources.store)
 
 
-def get_storage(resources: ResourcesDep) -> LocalStorage:
-    return resources.storage
+async def get_storage(resources: ResourcesDep) -> LocalStorage:
+    opened = resources.opened_storage
+    return opened if opened is not None else await run_in_threadpool(lambda: resources.storage)
 
 
-def get_queue(resources: ResourcesDep) -> JobQueue:
-    return resources.queue
+async def get_queue(resources: ResourcesDep) -> JobQueue:
+    opened = resources.opened_queue
+    return opened if opened is not None else await run_in_threadpool(lambda: resources.queue)
 
 
 StoreDep = Annotated[JobStore, Depends(get_store)]
@@ -104,14 +143,16 @@ StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
-async def get_tenant(
-    resources: ResourcesDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> str:
-    ring = resources.keyring
+async def get_tenant(request: Request) -> str:
+    """The tenant of the request's API key, or 401.
+
+    Reads the ``Authorization`` header and the key ring straight off the request: every
+    parameter and sub-dependency FastAPI resolves costs CPU on every request, and this runs
+    on all of them (the header was never in the OpenAPI document)."""
+    ring: KeyRing = request.app.state.resources.keyring
     if ring.open_mode:
         return DEFAULT_TENANT
-    token = bearer_token(authorization)
+    token = bearer_token(request.headers.get("authorization"))
     tenant = ring.tenant_for(token)
     if tenant is None:
         challenge = 'Bearer realm="compactor"' if token is None else 'Bearer realm="compactor", error="invalid_token"'
@@ -134,14 +175,17 @@ def valid_id(value: str, what: str) -> str:
     return value
 
 
-def get_job(
+async def get_job(
     job_id: Annotated[str, Path(description="The job id returned by POST /v1/jobs.")],
     tenant: TenantDep,
-    store: StoreDep,
+    request: Request,
 ) -> Job:
-    """The tenant's job, or 404 (another tenant's job is 404 too)."""
+    """The tenant's job, or 404 (another tenant's job is 404 too).
+
+    One threadpool hop: the store read (and opening the store, if it is not open yet)."""
     valid_id(job_id, "job")
-    job = store.get_job(job_id, tenant)
+    resources: Resources = request.app.state.resources
+    job = await run_in_threadpool(lambda: resources.store.get_job(job_id, tenant))
     if job is None:
         raise not_found("job")
     return job

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from compactor.jobs import Job, JobStatus, Stage, Upload
 from compactor.spec import JobSpec
@@ -66,6 +67,15 @@ class JobOut(BaseModel):
             model_id=job.model_id,
             dataset_id=job.dataset_id,
         )
+
+
+def job_response(job: Job, status_code: int = 200) -> Response:
+    """``JobOut.of(job)`` as a JSON response, serialized once by pydantic-core.
+
+    Byte for byte what FastAPI writes for ``response_model=JobOut`` (compact UTF-8 JSON,
+    fields in model order), without FastAPI's second validation pass over the model."""
+    body = JobOut.__pydantic_serializer__.to_json(JobOut.of(job))
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 class JobList(BaseModel):

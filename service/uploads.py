@@ -81,25 +81,51 @@ async def read_json_body(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> 
     return bytes(body)
 
 
-def body_chunks_from_thread(request: Request, budget: int) -> Iterator[bytes]:
-    """The raw request body, read from a worker thread; counts bytes against ``budget``."""
+# The event loop collects the body's pieces (64-256 KiB each, as the server delivers them)
+# until about this much, then hands them to the worker thread in one cross-thread round
+# trip (~0.1-0.2 ms of CPU each): one round trip per MiB instead of one per piece. The
+# pieces are handed over as they are, never joined: joining costs a copy of every byte,
+# and pieces that fit the CPU's L2 cache are hashed and written while still in it.
+BODY_BATCH_BYTES = 1024 * 1024
+
+
+def body_chunks_from_thread(request: Request, budget: int, batch_bytes: int = BODY_BATCH_BYTES) -> Iterator[bytes]:
+    """The raw request body, read from a worker thread; counts bytes against ``budget``.
+
+    The loop collects about ``batch_bytes`` per hand-off, and only when the thread asks:
+    memory stays bounded by one batch (plus the 64 KiB the server buffers before it stops
+    reading the socket). (Reading the next batch ahead while the thread works was measured
+    too: no faster on two busy cores, and more memory.)"""
     stream: AsyncIterator[bytes] = request.stream().__aiter__()
-
-    async def next_chunk() -> bytes | None:
-        try:
-            return await stream.__anext__()
-        except StopAsyncIteration:
-            return None
-
+    finished = False
     received = 0
+
+    async def next_batch() -> list[bytes]:
+        nonlocal finished
+        batch: list[bytes] = []
+        size = 0
+        while not finished:
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                finished = True
+                break
+            if chunk:
+                batch.append(chunk)
+                size += len(chunk)
+                # Past the budget there is no point in reading on: the thread answers 413.
+                if size >= batch_bytes or received + size > budget:
+                    break
+        return batch
+
     while True:
-        chunk = anyio.from_thread.run(next_chunk)
-        if chunk is None:
+        batch = anyio.from_thread.run(next_batch)
+        if not batch:
             return
-        received += len(chunk)
-        if received > budget:
-            raise too_large(budget)
-        if chunk:
+        for chunk in batch:
+            received += len(chunk)
+            if received > budget:
+                raise too_large(budget)
             yield chunk
 
 
@@ -157,8 +183,16 @@ class _MultipartReader:
         self._events.append(("begin", None))
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if end > start:
+        if end <= start:
+            return
+        if type(data) is not bytes:
+            # A buffer the parser may reuse (a look-behind buffer, in some versions): copy.
             self._events.append(("data", bytes(data[start:end])))
+        elif start == 0 and end == len(data):
+            self._events.append(("data", data))
+        else:
+            # No copy: the body's pieces are immutable bytes, so a view of one stays valid.
+            self._events.append(("data", memoryview(data)[start:end]))
 
     def _on_header_end(self) -> None:
         self._headers[self._header_field.decode("latin-1").strip().lower()] = self._header_value.decode("utf-8", "replace")
