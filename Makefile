@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench faults clean
+.PHONY: install serve test bench bench-core bench-service clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ serve: install
 test: install
 	$(BIN)/python -m pytest
 
-bench: install
+bench: bench-core bench-service
+
+bench-core: install
 	$(BIN)/python -m bench.core
+
+bench-service: install
+	$(BIN)/python -m bench.service
 
 clean:
 	rm -rf $(VENV) compactor-data .pytest_cache
