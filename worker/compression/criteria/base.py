@@ -43,6 +43,32 @@ class Criterion(abc.ABC):
         """Return {parameter name: float32 CPU tensor of that parameter's shape}, higher = keep."""
 
 
+class GradientTermCriterion(Criterion):
+    """A criterion built from per-batch gradients: accumulate ``term(w, g)`` over the batches,
+    then ``finish(total, batches_used, w)``. A new gradient criterion defines just those two."""
+
+    needs_data: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def term(self, weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """The per-batch, per-element quantity that is summed."""
+
+    @abc.abstractmethod
+    def finish(self, total: torch.Tensor, batches_used: int, weight: torch.Tensor) -> torch.Tensor:
+        """The score from the summed terms."""
+
+    def score(
+        self,
+        model: nn.Module,
+        parameters: dict[str, nn.Parameter],
+        batches: BatchSource | None,
+        ctx: RunContext,
+        max_batches: int,
+    ) -> dict[str, torch.Tensor]:
+        sums, used = accumulate_gradient_terms(model, parameters, require_batches(self, batches), ctx, max_batches, self.term)
+        return to_scores({name: self.finish(total, used, parameters[name].detach().float()) for name, total in sums.items()})
+
+
 def require_batches(criterion: Criterion, batches: BatchSource | None) -> BatchSource:
     if batches is None:
         raise InvalidSpec(

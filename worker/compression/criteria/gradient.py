@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from worker.compression.context import BatchSource, RunContext
-from worker.compression.criteria.base import Criterion, accumulate_gradient_terms, require_batches, to_scores
+from worker.compression.criteria.base import GradientTermCriterion
 
 
-def _squared_gradient(weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    return gradient.square()
-
-
-class GradientCriterion(Criterion):
+class GradientCriterion(GradientTermCriterion):
     name = "gradient"
-    needs_data = True
 
-    def score(
-        self,
-        model: nn.Module,
-        parameters: dict[str, nn.Parameter],
-        batches: BatchSource | None,
-        ctx: RunContext,
-        max_batches: int,
-    ) -> dict[str, torch.Tensor]:
-        sums, _ = accumulate_gradient_terms(
-            model, parameters, require_batches(self, batches), ctx, max_batches, _squared_gradient
-        )
-        return to_scores({name: total.sqrt() for name, total in sums.items()})
+    def term(self, weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        return gradient.square()
+
+    def finish(self, total: torch.Tensor, batches_used: int, weight: torch.Tensor) -> torch.Tensor:
+        return total.sqrt()

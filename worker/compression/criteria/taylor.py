@@ -7,29 +7,15 @@ opposite sign in different batches do not cancel into a falsely low score.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from worker.compression.context import BatchSource, RunContext
-from worker.compression.criteria.base import Criterion, accumulate_gradient_terms, require_batches, to_scores
+from worker.compression.criteria.base import GradientTermCriterion
 
 
-def _first_order_term(weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    return (weight * gradient).abs()
-
-
-class TaylorCriterion(Criterion):
+class TaylorCriterion(GradientTermCriterion):
     name = "taylor"
-    needs_data = True
 
-    def score(
-        self,
-        model: nn.Module,
-        parameters: dict[str, nn.Parameter],
-        batches: BatchSource | None,
-        ctx: RunContext,
-        max_batches: int,
-    ) -> dict[str, torch.Tensor]:
-        sums, used = accumulate_gradient_terms(
-            model, parameters, require_batches(self, batches), ctx, max_batches, _first_order_term
-        )
-        return to_scores({name: total / used for name, total in sums.items()})
+    def term(self, weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        return (weight * gradient).abs()
+
+    def finish(self, total: torch.Tensor, batches_used: int, weight: torch.Tensor) -> torch.Tensor:
+        return total / batches_used
