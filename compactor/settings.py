@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     job_soft_time_limit: float = Field(default=6 * 3600.0, description="seconds before a job is stopped with 'timeout'")
     job_hard_time_limit: float = 6 * 3600.0 + 300.0
     queue_name: str = "compactor"
+    # An uploaded TorchScript archive is first opened in a limited child process (worker/sandbox.py).
+    torchscript_probe_seconds: float = Field(default=120.0, gt=0)
     # Torch threads per worker process; None = torch's default (all cores). `compactor serve`
     # leaves one core to the gateway so status polls stay fast while a job trains.
     torch_threads: int | None = Field(default=None, ge=1)

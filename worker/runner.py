@@ -88,10 +88,17 @@ def _run_core(
     out_dir: Path,
     dataset_path: Path | None,
     lease: LeaseKeeper,
+    probe_seconds: float,
 ) -> Any:
     # Lazy: loads torch and the core only in the process that runs jobs.
+    from compactor.formats import detect_model_format
     from worker.compression.pipeline import compress_files
+    from worker.sandbox import probe_torchscript
 
+    if detect_model_format(model_path) == "torchscript":
+        # A crafted archive can crash the loader: a throwaway child opens it first.
+        lease.progress("load", 0.0)
+        probe_torchscript(model_path, timeout_seconds=probe_seconds)
     return compress_files(
         model_path,
         spec,
@@ -163,7 +170,7 @@ def execute_job(
     )
     lease.start()
     try:
-        return _attempt(job, store, storage, owner, lease)
+        return _attempt(job, store, storage, owner, lease, settings.torchscript_probe_seconds)
     finally:
         lease.stop()  # idempotent; _attempt stops it earlier on the paths that write
 
@@ -175,10 +182,12 @@ def _make_work_dir(storage: LocalStorage, job_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=ATTEMPT_DIR_PREFIX, dir=job_dir))
 
 
-def _attempt(job: Job, store: JobStore, storage: LocalStorage, owner: str, lease: LeaseKeeper) -> Outcome:
+def _attempt(
+    job: Job, store: JobStore, storage: LocalStorage, owner: str, lease: LeaseKeeper, probe_seconds: float
+) -> Outcome:
     work_dirs: list[Path] = []
     try:
-        return _run_attempt(job, store, storage, owner, lease, work_dirs)
+        return _run_attempt(job, store, storage, owner, lease, work_dirs, probe_seconds)
     finally:
         # Whatever happened, the attempt's scratch space goes: artifacts were copied out already.
         for work_dir in work_dirs:
@@ -186,7 +195,13 @@ def _attempt(job: Job, store: JobStore, storage: LocalStorage, owner: str, lease
 
 
 def _run_attempt(
-    job: Job, store: JobStore, storage: LocalStorage, owner: str, lease: LeaseKeeper, work_dirs: list[Path]
+    job: Job,
+    store: JobStore,
+    storage: LocalStorage,
+    owner: str,
+    lease: LeaseKeeper,
+    work_dirs: list[Path],
+    probe_seconds: float,
 ) -> Outcome:
     job_id = job.id
     error: JobError | None = None
@@ -195,7 +210,7 @@ def _run_attempt(
         work_dirs.append(_make_work_dir(storage, job_id))
         spec = parse_spec(job.spec)
         model_path, dataset_path = _resolve_inputs(job, storage)
-        result = _run_core(model_path, spec, work_dirs[0], dataset_path, lease)
+        result = _run_core(model_path, spec, work_dirs[0], dataset_path, lease, probe_seconds)
     except Cancelled:
         reason = lease.reason
         if reason is StopReason.timeout:
