@@ -179,7 +179,7 @@ def _load_state_dict(path: Path, limits: LoadLimits) -> dict[str, torch.Tensor]:
         # mmap: tensors stay on disk until used, so the budget check below allocates nothing.
         loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as exc:
-        # torch's message suggests weights_only=False; never relay that advice.
+        # torch's own message advises turning weights-only loading off: never relay that advice.
         raise UnsafeModel(
             f"the file needs more than weights-only unpickling to load; {SAFE_MODEL_FORMATS_HINT}"
         ) from exc
