@@ -228,3 +228,19 @@ def test_bad_inputs_fail_with_their_code(case: str, code: str, tmp_path: Path) -
         compress_files(model_path, spec, tmp_path / "out", dataset_path=dataset_path, benchmark=QUICK)
     assert info.value.code == code, info.value.message
     assert "Traceback" not in info.value.message
+
+
+def test_cancellation_is_also_checked_between_stages_without_batches(tiny_cnn) -> None:
+    # No dataset and only a quantize stage: no training batch ever checks, the stage boundaries must.
+    stages: list[str] = []
+    spec = _spec(quantize={"mode": "dynamic"})
+    with pytest.raises(Cancelled):
+        compress(
+            tiny_cnn,
+            spec,
+            None,
+            progress=lambda stage, _: stages.append(stage),
+            should_cancel=lambda: "export" in stages,
+            benchmark=QUICK,
+        )
+    assert "benchmark" not in stages

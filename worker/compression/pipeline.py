@@ -226,6 +226,8 @@ class _Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
     def _stage(self, name: str, weight: float):
+        # Stages without batches (export, benchmark) still stop promptly at their boundary.
+        self.ctx.check_cancelled()
         self.plan.begin(name, weight)
         return self.clock(name)
 
