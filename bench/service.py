@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -57,6 +57,7 @@ from tests.worker.support import (
     children_of,
     command_line,
     free_port,
+    wait_for,
     write_digits_dataset,
     write_torchscript_model,
 )
@@ -64,7 +65,6 @@ from tests.worker.support import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 TERMINAL = {"succeeded", "failed", "cancelled"}
-T = TypeVar("T")
 
 # Upper bounds so that no loop can run away, whatever the options say.
 STARTUP_TIMEOUT_S = 90.0
@@ -74,17 +74,6 @@ MAX_REQUESTS_PER_POLLER = 2_000_000
 
 
 # -- small helpers
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -285,9 +274,9 @@ class Service:
                 except httpx.TransportError:
                     return False
 
-            wait_until(up, STARTUP_TIMEOUT_S, f"{self.topology} gateway /readyz", interval=0.2)
+            wait_for(up, STARTUP_TIMEOUT_S, f"{self.topology} gateway /readyz", interval=0.2)
         # The worker logs " ready." once it consumes; jobs sent earlier would count its start-up.
-        wait_until(lambda: " ready." in self.ready_log.log_tail(10**7), STARTUP_TIMEOUT_S, "the worker to be ready", 0.2)
+        wait_for(lambda: " ready." in self.ready_log.log_tail(10**7), STARTUP_TIMEOUT_S, "the worker to be ready", 0.2)
 
     def gateway_pid(self) -> int:
         if self.topology != "embedded":
@@ -343,7 +332,7 @@ def wait_terminal(client: Client, job_id: str, timeout: float = JOB_TIMEOUT_S) -
         job = client.get(job_id)
         return job["status"] in TERMINAL
 
-    wait_until(done, timeout, f"job {job_id} to finish", interval=0.1)
+    wait_for(done, timeout, f"job {job_id} to finish", interval=0.1)
     return job
 
 
@@ -377,7 +366,7 @@ def measure_polling(service: Service, client: Client, inputs: Inputs, pollers: i
             raise RuntimeError(f"the long job ended before the measurement: {current}")
         return current["status"] == "running" and current["stage"] == "finetune"
 
-    wait_until(training, JOB_TIMEOUT_S, "the long job to be fine-tuning", interval=0.1)
+    wait_for(training, JOB_TIMEOUT_S, "the long job to be fine-tuning", interval=0.1)
 
     latencies: list[list[float]] = [[] for _ in range(pollers)]
     errors = [0] * pollers
