@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)
     # uvicorn's per-request access log; off by default (dashboards poll every second).
     access_log: bool = False
+    # How often an open /v1/jobs/{id}/events stream re-reads its job (the worker writes ≥ 1/s).
+    events_poll_seconds: float = Field(default=0.5, gt=0, le=10)
 
     @property
     def resolved_data_dir(self) -> Path:

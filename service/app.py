@@ -26,7 +26,7 @@ from service.errors import (
     install_error_handlers,
     problem_response,
 )
-from service.routes import health, jobs, uploads
+from service.routes import events, health, jobs, uploads
 from service.schemas import JobRequest
 
 log = logging.getLogger("service")
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(uploads.router)
 
     def openapi() -> dict[str, Any]:
