@@ -26,7 +26,9 @@ from service.errors import (
     install_error_handlers,
     problem_response,
 )
+from service import metrics
 from service.routes import events, health, jobs, uploads
+from service.routes import dashboard
 from service.schemas import JobRequest
 
 log = logging.getLogger("service")
@@ -70,6 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(uploads.router)
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
+    app.add_middleware(RequestMetricsMiddleware)
+    # Outermost: the status poll's success path skips the rest (service/fastpath.py).
+    app.add_middleware(JobPollFastPath, fastapi_app=app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
