@@ -244,3 +244,25 @@ def test_cancellation_is_also_checked_between_stages_without_batches(tiny_cnn) -
             benchmark=QUICK,
         )
     assert "benchmark" not in stages
+
+
+def test_batchnorm_statistics_describe_the_fine_tuned_weights(tiny_cnn, digits_split) -> None:
+    """A short fine-tune moves weights faster than BatchNorm's running statistics follow; the
+    pipeline re-estimates them afterwards, so evaluation and the exported model see statistics
+    of the final weights (without it a 50%-channel resnet18 fell from 0.84 to 0.20 top-1)."""
+    spec = _spec(prune={"granularity": "channel", "amount": 0.5}, finetune={"epochs": 1, "lr": 0.05})
+    result = compress(tiny_cnn, spec, digits_split, benchmark=QUICK)
+    model = result.model.eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    # Exact statistics of the training split through the final weights, layer by layer.
+    captured: dict[torch.nn.Module, list[torch.Tensor]] = {norm: [] for norm in norms}
+    hooks = [norm.register_forward_pre_hook(lambda m, args: captured[m].append(args[0].detach())) for norm in norms]
+    with torch.no_grad():
+        model(digits_split.train.inputs)
+    for hook in hooks:
+        hook.remove()
+    for norm in norms:
+        features = captured[norm][0].transpose(0, 1).flatten(1)
+        torch.testing.assert_close(norm.running_mean, features.mean(dim=1), atol=2e-3, rtol=2e-2)
+        torch.testing.assert_close(norm.running_var, features.var(dim=1), atol=2e-3, rtol=5e-2)

@@ -287,12 +287,14 @@ class _Pipeline:
                             epochs=epoch_split[step],
                         )
                         trial.finetune.append(summary.__dict__)
+                        self._refresh_batchnorm(model, device)
         elif finetune_spec is not None and epochs_total > 0:
             with self._stage("finetune", STAGE_WEIGHTS["finetune"] * epochs_total):
                 summary = finetune(
                     model, finetune_spec, train=self.train_batches(device), batches_per_epoch=self.batches_per_epoch(), ctx=ctx, teacher=teacher
                 )
                 trial.finetune.append(summary.__dict__)
+                self._refresh_batchnorm(model, device)
 
         model = model.to("cpu").eval()
         trial.float_model = model
@@ -316,6 +318,16 @@ class _Pipeline:
                     "float_layers": result.float_layers,
                 }
         return trial
+
+    def _refresh_batchnorm(self, model: nn.Module, device: torch.device) -> None:
+        """Re-estimate BatchNorm statistics on the weights fine-tuning left.
+
+        A short fine-tune moves the weights far more than the running statistics follow
+        (momentum 0.1 over a few dozen steps): the training loss falls while evaluation,
+        which uses the stale statistics, can stay near chance (seen: 0.84 → 0.20 top-1 on a
+        50%-channel resnet18 after 12 steps). One pass over training batches fixes it."""
+        if not self.data.synthetic:
+            recalibrate_batchnorm(model, self.train_batches(device), self.ctx)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float] | None:
         if not self.data.has_targets:
