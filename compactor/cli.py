@@ -166,11 +166,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.http_limits import gateway_http_protocol
 
     app = create_app(settings)
     # Drain in-flight requests for a bounded time on SIGTERM; an upload must not block a stop.
     uvicorn.run(
-        app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10, log_level="info", access_log=settings.access_log
+        app,
+        host=settings.host,
+        port=settings.port,
+        # httptools with a bound on the request head (httptools alone has none).
+        http=gateway_http_protocol(),
+        timeout_graceful_shutdown=10,
+        # None: uvicorn's loggers go through the root handler, in the format of COMPACTOR_LOG_FORMAT.
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
     )
     return 0
 

@@ -65,6 +65,10 @@ class ArchiveLimits:
     """
 
     max_entries: int = 10_000
+    # zipfile parses the whole central directory into ZipInfo objects (~600 bytes each, from
+    # records as small as 47 bytes) before any entry can be counted: its declared size is
+    # checked first. torch writes ~75 bytes per entry; this allows 10,000 entries of 200.
+    max_central_directory_bytes: int = 2 * _MIB
     max_total_uncompressed_bytes: int = 8 * _GIB
     # Deflate tops out near 1032:1; real weights and images compress far less
     # than 200:1, so anything above is a bomb (or an all-zero array, which is
@@ -74,6 +78,10 @@ class ArchiveLimits:
     # cannot be a bomb, and small constant files compress well.
     ratio_check_min_bytes: int = 64 * 1024
     max_pickle_bytes: int = 64 * _MIB
+    # {'inputs': x, 'targets': y} pickles to well under 1 KiB. Whatever else a dataset's
+    # pickle holds, the loaders still build as plain containers at ~15x its size (a 12 MiB
+    # dict of ints cost 195 MiB to count samples in the gateway, as much in torch.load).
+    max_dataset_pickle_bytes: int = 1 * _MIB
     max_safetensors_header_bytes: int = 64 * _MIB
     max_npy_header_bytes: int = 64 * 1024
 
@@ -166,7 +174,7 @@ def pickle_globals(pickle_bytes: bytes) -> list[str]:
 
 def _pickle_global_pairs(pickle_bytes: bytes) -> list[tuple[str, str]]:
     stack: list[object] = []
-    memo: dict[int, object] = {}
+    memo: list[object] = []
     found: list[tuple[str, str]] = []
     stopped = False
     try:
@@ -200,22 +208,36 @@ def _pickle_global_pairs(pickle_bytes: bytes) -> list[tuple[str, str]]:
     return found
 
 
-def _apply_stack_effect(opcode: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: dict[int, object]) -> None:
+# Bounds on the scan's own memory (a 64 MiB pickle of one-byte pushes would otherwise hold
+# 64 M stack items). Python's pickler batches containers 1,000 items at a time, so a real
+# state_dict's stack stays a few thousand deep; it memoizes ~9 objects per tensor.
+MAX_PICKLE_STACK_ITEMS = 100_000
+MAX_PICKLE_MEMO_ITEMS = 4_000_000
+
+
+def _apply_stack_effect(opcode: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: list[object]) -> None:
     """Track the stack just closely enough to know which strings STACK_GLOBAL consumes."""
     name = opcode.name
     if name in _MEMO_PUT_OPCODES or name in ("MEMOIZE", "DUP"):
         # The real unpickler cannot see past a MARK either: it fails where this does.
         if not stack or stack[-1] is _MARK:
             raise MalformedPickle(f"{name} on an empty stack")
-    if name in _MEMO_PUT_OPCODES:
-        memo[int(arg)] = stack[-1]  # type: ignore[call-overload]
-        return
-    if name == "MEMOIZE":
-        memo[len(memo)] = stack[-1]
+    if name in _MEMO_PUT_OPCODES or name == "MEMOIZE":
+        key = len(memo) if name == "MEMOIZE" else int(arg)  # type: ignore[call-overload]
+        if key < len(memo):
+            memo[key] = stack[-1]
+            return
+        # Picklers number memo entries 0, 1, 2, ...; a key far ahead makes C's unpickler
+        # size its memo table to the key (PUT 2**28 costs the loader 4 GiB of memory).
+        if key > len(memo):
+            raise MalformedPickle(f"{name} of memo key {key} out of sequence (next key is {len(memo)})")
+        if len(memo) >= MAX_PICKLE_MEMO_ITEMS:
+            raise MalformedPickle(f"the pickle memoizes more than {MAX_PICKLE_MEMO_ITEMS} objects")
+        memo.append(stack[-1])
         return
     if name in _MEMO_GET_OPCODES:
         key = int(arg)  # type: ignore[call-overload]
-        if key not in memo:
+        if not 0 <= key < len(memo):
             raise MalformedPickle(f"{name} of memo key {key} that was never stored")
         stack.append(memo[key])
         return
@@ -246,6 +268,8 @@ def _apply_stack_effect(opcode: pickletools.OpcodeInfo, arg: object, stack: list
             if stack.pop() is _MARK:
                 raise MalformedPickle(f"{name} consumed a MARK")
 
+    if len(stack) + len(opcode.stack_after) > MAX_PICKLE_STACK_ITEMS:
+        raise MalformedPickle(f"the pickle's stack grows past {MAX_PICKLE_STACK_ITEMS} items")
     if name in _STRING_OPCODES:
         stack.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
         return
@@ -356,7 +380,33 @@ def _check_entries_do_not_overlap(entries: list[zipfile.ZipInfo], data_end: int,
             raise error(f"zip entry {entry.filename!r} overlaps the next entry or runs into the zip's central directory")
 
 
-def _open_zip(path: Path, error: type[CompactorError]) -> zipfile.ZipFile:
+def _check_central_directory(path: Path, limits: ArchiveLimits, error: type[CompactorError]) -> None:
+    """Refuse a central directory too large to parse, from its end record alone.
+
+    zipfile parses the whole directory into memory when it opens an archive, so the
+    entry count cannot wait for ``check_zip_archive``. The end record is located with
+    zipfile's own ``_EndRecData`` (private, stable since Python 2; Python is pinned to
+    3.11): the directory whose size is checked is exactly the one ZipFile then reads."""
+    try:
+        with path.open("rb") as handle:
+            end_record = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise error(f"the zip archive cannot be read: {exc}") from exc
+    if end_record is None:
+        return  # no end record: ZipFile raises BadZipFile, reported by _open_zip
+    declared_entries = end_record[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
+    directory_bytes = end_record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if declared_entries > limits.max_entries:
+        raise error(f"the zip archive has {declared_entries} entries, more than the limit of {limits.max_entries}")
+    if directory_bytes > limits.max_central_directory_bytes:
+        raise error(
+            f"the zip archive's central directory is {directory_bytes} bytes, above the limit of "
+            f"{limits.max_central_directory_bytes} (too many entries, or entries with very long names)"
+        )
+
+
+def _open_zip(path: Path, error: type[CompactorError], limits: ArchiveLimits) -> zipfile.ZipFile:
+    _check_central_directory(path, limits, error)
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
@@ -533,7 +583,7 @@ def detect_model_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> 
 
 
 def _detect_zip_model(path: Path, file_size: int, limits: ArchiveLimits) -> ModelFileFormat:
-    with _open_zip(path, InvalidModel) as archive:
+    with _open_zip(path, InvalidModel, limits) as archive:
         check_zip_archive(archive, limits, file_size=file_size, single_prefix=False, error=InvalidModel)
         names = archive.namelist()
         if all(name.endswith(".npy") for name in names):
@@ -660,7 +710,7 @@ def detect_dataset_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -
             f"the dataset is not a torch.save .pt archive or a numpy .npz{hint}; "
             "save it with torch.save({'inputs': x, 'targets': y}, f) or numpy.savez(f, inputs=x, targets=y)"
         )
-    with _open_zip(path, InvalidDataset) as archive:
+    with _open_zip(path, InvalidDataset, limits) as archive:
         check_zip_archive(archive, limits, file_size=file_size, single_prefix=False, error=InvalidDataset)
         names = archive.namelist()
         if all(name.endswith(".npy") for name in names):
@@ -677,7 +727,9 @@ def detect_dataset_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -
             raise InvalidDataset("this is a TorchScript model archive, not a dataset")
         if f"{prefix}/data.pkl" not in names:
             raise InvalidDataset("the zip archive is neither a torch.save .pt nor a numpy .npz")
-        pickle_bytes = _read_entry(archive, f"{prefix}/data.pkl", limits.max_pickle_bytes, InvalidDataset)
+        pickle_bytes = _read_entry(
+            archive, f"{prefix}/data.pkl", min(limits.max_pickle_bytes, limits.max_dataset_pickle_bytes), InvalidDataset
+        )
     try:
         disallowed = disallowed_globals(pickle_bytes)
     except MalformedPickle as exc:

@@ -39,6 +39,23 @@ Authenticate with `Authorization: Bearer <api key>`. Errors are RFC 9457 problem
 (`application/problem+json`) with a stable `code`."""
 
 
+BEARER_SCHEME = "bearerAuth"
+
+
+def _declare_bearer_auth(schema: dict[str, Any], *, required: bool) -> None:
+    """Say in the document what get_tenant enforces: every /v1 operation needs the bearer key
+    (unless the server runs in open mode). Clients and Schemathesis' ignored_auth read it."""
+    schema["components"]["securitySchemes"] = {
+        BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer <key>`."}
+    }
+    if not required:
+        return
+    for path, item in schema["paths"].items():
+        if path.startswith("/v1/"):
+            for operation in item.values():
+                operation["security"] = [{BEARER_SCHEME: []}]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     resources = Resources(settings)
@@ -90,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in defs.get("$defs", {}).items():
                 components.setdefault(name, definition)
+            _declare_bearer_auth(schema, required=not resources.keyring.open_mode)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -9,7 +9,15 @@ hands each file part's data to ``LocalStorage.save_upload_stream`` as it arrives
 * ``Content-Length`` above the request budget → 413 before a byte is read;
 * the bytes actually received are counted, so a missing or lying Content-Length
   cannot get past the budget either;
-* each file part is limited to ``settings.max_upload_bytes`` by the storage.
+* each file part is limited to ``settings.max_upload_bytes`` by the storage;
+* the framing is bounded before the parser buffers anything: the boundary must be
+  what RFC 2046 allows (1-70 characters from its set), the preamble before the first
+  boundary is at most ``MAX_PREAMBLE_BYTES``, and each part's headers at most
+  ``MAX_PART_HEADER_LINES`` lines and ``MAX_PART_HEADER_BYTES`` bytes. Whatever the
+  installed python-multipart version enforces itself, these hold.
+
+The request line and HTTP headers are bounded before the app sees them
+(``service.http_limits``).
 
 The request budget is ``max_upload_bytes`` plus a small allowance for the form's
 framing and the spec. On any failure the caller deletes what this request stored;
@@ -18,6 +26,7 @@ the storage itself never keeps a partial file. Client file names are never used.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +43,16 @@ FORM_ALLOWANCE_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 MAX_JSON_BODY_BYTES = 1024 * 1024
 MAX_PARTS = 8
+# A client never needs more: a part carries Content-Disposition and maybe Content-Type
+# (a few hundred bytes with a 255-byte file name). The caps keep a part's headers, which
+# are buffered whole, from growing with the body.
+MAX_PART_HEADER_LINES = 16
+MAX_PART_HEADER_BYTES = 8 * 1024
+# RFC 2046 allows a preamble before the first boundary; no HTTP client sends one, and the
+# parser would skip an endless one up to the whole request budget (2 GiB by default).
+MAX_PREAMBLE_BYTES = 4 * 1024
+# RFC 2046 §5.1.1: 1-70 characters, from this set, not ending in a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
@@ -155,32 +174,53 @@ class Part:
             raise ApiError(400, "invalid_request", f"form field {self.name!r} is not UTF-8 text") from None
 
 
+def malformed(detail: str) -> ApiError:
+    return ApiError(400, "invalid_request", detail)
+
+
 class _MultipartReader:
     """Pull-style wrapper around python-multipart's push parser (used from one thread)."""
 
     def __init__(self, raw: Iterator[bytes], boundary: bytes) -> None:
         self._raw = raw
+        self._delimiter = b"--" + boundary
         self._events: deque[tuple[str, Any]] = deque()
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, str] = {}
+        self._header_lines = 0
+        self._header_bytes = 0
+        self._preamble_bytes = 0
+        self._seen_part = False
         self._finished = False
         self._in_part = False
         callbacks: dict[str, Callable[..., None]] = {
             "on_part_begin": self._on_part_begin,
             "on_part_data": self._on_part_data,
             "on_part_end": lambda: self._events.append(("end_part", None)),
-            "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
+            "on_header_field": lambda data, start, end: self._add_header_bytes(self._header_field, data, start, end),
+            "on_header_value": lambda data, start, end: self._add_header_bytes(self._header_value, data, start, end),
             "on_header_end": self._on_header_end,
             "on_headers_finished": lambda: self._events.append(("headers", dict(self._headers))),
             "on_end": lambda: self._events.append(("end", None)),
         }
-        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        try:
+            self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except Exception as exc:  # python-multipart refuses some boundaries itself
+            raise malformed(f"unusable multipart boundary: {exc}") from None
 
     def _on_part_begin(self) -> None:
+        self._seen_part = True
         self._headers = {}
+        self._header_lines = 0
+        self._header_bytes = 0
         self._events.append(("begin", None))
+
+    def _add_header_bytes(self, into: bytearray, data: bytes, start: int, end: int) -> None:
+        self._header_bytes += end - start
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise malformed(f"a form part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+        into.extend(data[start:end])
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if end <= start:
@@ -195,15 +235,22 @@ class _MultipartReader:
             self._events.append(("data", memoryview(data)[start:end]))
 
     def _on_header_end(self) -> None:
-        self._headers[self._header_field.decode("latin-1").strip().lower()] = self._header_value.decode("utf-8", "replace")
+        self._header_lines += 1
+        if self._header_lines > MAX_PART_HEADER_LINES:
+            raise malformed(f"a form part has more than {MAX_PART_HEADER_LINES} header lines")
+        # Latin-1 keeps the raw bytes (parse_options_header works on them); names and file
+        # names are decoded as UTF-8 afterwards, as clients send them (RFC 7578 §4.2).
+        self._headers[self._header_field.decode("latin-1").strip().lower()] = self._header_value.decode("latin-1")
         self._header_field.clear()
         self._header_value.clear()
 
     def _next(self) -> tuple[str, Any]:
         while not self._events:
             if self._finished:
-                raise ApiError(400, "invalid_request", "the multipart body ended early (no closing boundary)")
+                raise malformed("the multipart body ended early (no closing boundary)")
             chunk = next(self._raw, None)
+            if chunk is not None and not self._seen_part:
+                self._count_preamble(chunk)
             try:
                 if chunk is None:
                     self._finished = True
@@ -213,8 +260,17 @@ class _MultipartReader:
             except ApiError:
                 raise
             except Exception as exc:  # python-multipart raises its own errors on malformed input
-                raise ApiError(400, "invalid_request", f"malformed multipart body: {exc}") from None
+                raise malformed(f"malformed multipart body: {exc}") from None
         return self._events.popleft()
+
+    def _count_preamble(self, chunk: bytes) -> None:
+        """Count what precedes the first boundary, before the parser skips over it.
+
+        (A boundary split between two pieces counts its first half as preamble: a few bytes.)"""
+        found = chunk.find(self._delimiter)
+        self._preamble_bytes += len(chunk) if found < 0 else found
+        if self._preamble_bytes > MAX_PREAMBLE_BYTES:
+            raise malformed(f"no multipart boundary within the first {MAX_PREAMBLE_BYTES} bytes of the body")
 
     def parts(self) -> Iterator[Part]:
         count = 0
@@ -257,13 +313,22 @@ class _MultipartReader:
                 raise ApiError(400, "invalid_request", "malformed multipart body")
 
 
-def multipart_parts(request: Request, budget: int) -> Iterator[Part]:
-    """The form's parts in order, streamed. Call from a worker thread only."""
+def multipart_boundary(request: Request) -> bytes:
+    """The request's multipart boundary, checked against RFC 2046 (400 when missing or invalid)."""
     kind, options = media_type(request)
     boundary = options.get(b"boundary")
     if kind != MULTIPART or not boundary:
-        raise ApiError(400, "invalid_request", "multipart/form-data needs a boundary parameter")
-    return _MultipartReader(body_chunks_from_thread(request, budget), boundary).parts()
+        raise malformed("multipart/form-data needs a boundary parameter")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise malformed(
+            "the multipart boundary must be 1-70 characters of letters, digits and '()+_,-./:=? (RFC 2046)"
+        )
+    return boundary
+
+
+def multipart_parts(request: Request, budget: int) -> Iterator[Part]:
+    """The form's parts in order, streamed. Call from a worker thread only."""
+    return _MultipartReader(body_chunks_from_thread(request, budget), multipart_boundary(request)).parts()
 
 
 @dataclass

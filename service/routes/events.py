@@ -47,6 +47,28 @@ RECONNECT_MILLISECONDS = 2000
 EVENT_STREAM = "text/event-stream"
 
 
+def _event_of(name: str, data_schema: dict[str, object]) -> dict[str, object]:
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema},
+            "id": {"type": "string"},
+        },
+    }
+
+
+# The schema of each event of the stream (as OpenAPI 3.2's itemSchema; the convention for
+# text/event-stream that tools such as Schemathesis validate every event against).
+EVENT_SCHEMA: dict[str, object] = {
+    "oneOf": [
+        _event_of("job", {"$ref": "#/components/schemas/JobOut"}),
+        _event_of("deleted", {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}),
+    ]
+}
+
+
 def state_id(job: Job) -> str:
     """Names what an event shows: equal ids ⇔ nothing a client sees has changed."""
     cancel = "c" if job.cancel_requested else ""
@@ -102,7 +124,7 @@ async def _job_states(
     "`Last-Event-ID` to skip the state you have; a finished job whose final state you have answers 204.",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {EVENT_STREAM: {"schema": {"type": "string"}}}, "description": "An event stream"},
+        200: {"content": {EVENT_STREAM: {"schema": EVENT_SCHEMA}}, "description": "An event stream"},
         204: {"description": "The job has finished and `Last-Event-ID` already names its final state"},
         **problem_responses(401, 404),
     },
