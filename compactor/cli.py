@@ -29,6 +29,8 @@ from pathlib import Path
 log = logging.getLogger("compactor")
 
 EXIT_USAGE = 2
+# What a `worker.celery_app` process is for: "notifier" skips loading the compression core.
+WORKER_ROLE_ENV = "COMPACTOR_WORKER_ROLE"
 
 
 def _apply_environment(args: argparse.Namespace) -> None:
@@ -51,8 +53,11 @@ def _apply_environment(args: argparse.Namespace) -> None:
 
 
 def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(process)d] %(name)s: %(message)s")
+    from compactor.logs import configure_logging
+    from compactor.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
 
 
 def _check_bind(settings: object) -> str | None:
@@ -98,6 +103,17 @@ def _self_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "compactor.cli", *args]
 
 
+def _fresh_metrics_dir(path: Path) -> None:
+    """One Prometheus multiprocess directory for the whole tree: the gateway's /metrics then sums
+    every process's series (the workers' job and stage durations included). Emptied at each start:
+    series of a previous run must not add up with this one's."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from compactor.processes import ChildSpec, Supervisor
     from compactor.settings import get_settings
@@ -129,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if requeued:
         log.info("re-enqueued %d unfinished job(s) from the last run", requeued)
 
+    _fresh_metrics_dir(settings.resolved_data_dir / "prometheus")
+
     gateway = ["gateway", "--host", settings.host, "--port", str(settings.port)]
     if settings.insecure:
         gateway.append("--insecure")
@@ -137,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # One machine shared by the gateway and the workers: keep a core for the gateway.
         env["COMPACTOR_TORCH_THREADS"] = str(max(1, ((os.cpu_count() or 2) - 1) // args.workers))
     specs = [ChildSpec("gateway", _self_command(*gateway), env, restart=False)]
+    # Job-end webhooks have their own light consumer, so a delivery never waits behind a job.
+    specs.append(ChildSpec("notifier", _self_command("notifier", "--name", "notifier@%h"), env))
     for index in range(1, args.workers + 1):
         worker = ["worker", "--name", f"worker{index}@%h"]
         if gpus:
@@ -211,6 +231,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = args.name or (f"gpu{args.gpu}@%h" if args.gpu is not None else f"compactor-{os.getpid()}@%h")
     from worker.celery_app import app
 
+    if args.metrics_port is not None:
+        from worker.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port)
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
@@ -222,6 +246,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"--hostname={name}",
         # No cluster chatter at start-up (mingle waits for replies) or per second (gossip,
         # event heartbeats): the store, not the broker, tracks who is alive.
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
+# -- notifier
+
+
+def cmd_notifier(args: argparse.Namespace) -> int:
+    """The consumer of job-end webhooks (``compactor.notify_job``): a thread pool that only
+    makes HTTP calls, never loads torch, and so runs beside the gateway or on any host."""
+    from compactor.processes import bind_to_parent
+
+    bind_to_parent()
+    if args.concurrency < 1:
+        print("compactor notifier: --concurrency must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    os.environ[WORKER_ROLE_ENV] = "notifier"
+    _apply_environment(args)
+    from compactor.queue import notify_queue_name
+    from compactor.settings import get_settings
+    from worker.celery_app import app
+
+    settings = get_settings()
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        "--pool=threads",
+        f"--concurrency={args.concurrency}",
+        f"--queues={notify_queue_name(settings)}",
+        f"--hostname={args.name or f'notifier-{os.getpid()}@%h'}",
         "--without-mingle",
         "--without-gossip",
         "--without-heartbeat",
@@ -296,7 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="jobs at once; >1 uses a CPU-only prefork pool")
     worker.add_argument("--name", help="Celery node name (default compactor-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve this worker's Prometheus /metrics on this port (a host of its own)"
+    )
     worker.set_defaults(func=cmd_worker)
+
+    notifier = subparsers.add_parser("notifier", help="the job-end webhook sender (no torch; one per deployment or more)")
+    data_option(notifier)
+    notifier.add_argument("--concurrency", type=int, default=8, help="deliveries in flight at once (threads)")
+    notifier.add_argument("--name", help="Celery node name (default notifier-<pid>@<host>)")
+    notifier.add_argument("--loglevel", default="INFO")
+    notifier.set_defaults(func=cmd_notifier)
 
     _add_client_commands(subparsers)
     return parser
@@ -305,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in {"serve", "gateway", "worker"}:
+    if args.command in {"serve", "gateway", "worker", "notifier"}:
         # Services log; client commands print their results and keep stderr for errors.
         _configure_logging()
     status: int = args.func(args)

@@ -1,7 +1,8 @@
 """The job queue: how the gateway hands a job id to the workers (Celery, by task NAME).
 
 The gateway never imports the worker: it sends ``compactor.run_job`` with ``args=[job_id]``
-through a Celery *client* app. ``celery_config(settings)`` is the one place the Celery
+through a Celery *client* app, and ``compactor.notify_job`` (the job-end webhook) the same
+way when it cancels a queued job. ``celery_config(settings)`` is the one place the Celery
 settings live; the worker builds its app from the same function so that producer and
 consumer always agree (broker, transport folders, queue, acks, time limits).
 
@@ -23,6 +24,11 @@ from compactor.settings import Settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "compactor.run_job"
+# The job-end webhook (spec.notify.url): sent by whoever ended the job, the worker or the gateway.
+NOTIFY_TASK_NAME = "compactor.notify_job"
+# A failed send of the webhook message is retried this briefly: the job's outcome is already
+# recorded and nothing about it may wait for the broker.
+_NOTIFY_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3}
 
 
 class BrokerUnavailable(Exception):
@@ -32,6 +38,9 @@ class BrokerUnavailable(Exception):
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, attempt: int = 1) -> str:
         """Send the job to the workers; returns the Celery task id ``<job_id>-<attempt>``."""
+    def enqueue_notification(self, job_id: str) -> bool:
+        """Send ``compactor.notify_job`` for a job that just ended; False (logged) when it could
+        not be sent. Never raises: a webhook must not fail or delay the job's own outcome."""
     def revoke(self, job_id: str, attempts: int = 1) -> None:
         """Best effort: revoke the tasks of attempts 1..attempts (the store's state is the real guard)."""
     def ping(self) -> None:
@@ -42,6 +51,17 @@ class JobQueue(Protocol):
 
 def task_id_for(job_id: str, attempt: int) -> str:
     return f"{job_id}-{attempt}"
+
+
+def notify_queue_name(settings: Settings) -> str:
+    """Webhooks have a queue of their own, consumed by ``compactor notifier`` (a thread pool, no
+    torch): on the job queue a delivery would wait behind every queued job, since a job worker
+    runs one task at a time, and its retries behind whatever job that worker took next."""
+    return f"{settings.queue_name}.notify"
+
+
+def notify_task_id(job_id: str) -> str:
+    return f"{job_id}-notify"
 
 
 def is_filesystem_broker(url: str) -> bool:
@@ -94,7 +114,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.job_soft_time_limit,
         "task_time_limit": settings.job_hard_time_limit,
         "task_default_queue": settings.queue_name,
-        "task_routes": {TASK_NAME: {"queue": settings.queue_name}},
+        "task_routes": {TASK_NAME: {"queue": settings.queue_name}, NOTIFY_TASK_NAME: {"queue": notify_queue_name(settings)}},
         "worker_hijack_root_logger": False,
     }
 
@@ -103,6 +123,24 @@ def make_celery(settings: Settings, name: str = "compactor") -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def send_notification(app: Celery, settings: Settings, job_id: str) -> bool:
+    """Enqueue ``compactor.notify_job(job_id)`` on ``app`` (the gateway's client app or the worker's
+    own); returns False and logs when the broker refused it. Never raises."""
+    try:
+        app.send_task(
+            NOTIFY_TASK_NAME,
+            args=[job_id],
+            queue=notify_queue_name(settings),
+            task_id=notify_task_id(job_id),
+            retry=True,
+            retry_policy=_NOTIFY_RETRY_POLICY,
+        )
+    except Exception as exc:  # noqa: BLE001 - kombu/redis raise many kinds; the job's outcome stands
+        log.error("job %s: the job-end webhook could not be enqueued and will not be sent: %s: %s", job_id, type(exc).__name__, exc)
+        return False
+    return True
 
 
 class CeleryJobQueue:
@@ -127,6 +165,9 @@ class CeleryJobQueue:
         except Exception as exc:  # kombu/redis raise many kinds when the broker is down
             raise BrokerUnavailable(f"cannot enqueue job {job_id}: {type(exc).__name__}: {exc}") from exc
         return task_id
+
+    def enqueue_notification(self, job_id: str) -> bool:
+        return send_notification(self.app, self.settings, job_id)
 
     def revoke(self, job_id: str, attempts: int = 1) -> None:
         ids = [task_id_for(job_id, n) for n in range(1, max(attempts, 1) + 1)]

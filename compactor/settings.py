@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,8 +45,44 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)
     # uvicorn's per-request access log; off by default (dashboards poll every second).
     access_log: bool = False
+    # "json": one JSON object per line with job_id, tenant and stage (for log pipelines).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # When set, GET /metrics wants `Authorization: Bearer <token>` (it shows job counts of all tenants).
+    metrics_token: str | None = None
     # How often an open /v1/jobs/{id}/events stream re-reads its job (the worker writes ≥ 1/s).
     events_poll_seconds: float = Field(default=0.5, gt=0, le=10)
+
+    # Job-end webhooks (spec.notify.url; compactor/webhooks.py). The hosts they may reach:
+    # names, "*.example.com" (any name under it), IPs, "[v6]", each optionally ":port";
+    # comma-separated. Empty: webhooks are disabled and every notify URL is refused.
+    webhook_allowed_hosts: str = ""
+    # "tenant:secret" pairs (HMAC-SHA256 signing keys, at least 16 characters), comma-separated,
+    # and/or a file with one pair per line (re-read on use, so a rotation needs no restart).
+    # Open (keyless) mode's tenant is "default".
+    webhook_secrets: str = ""
+    webhook_secrets_file: Path | None = None
+    # Attempts per job end; the delay doubles from webhook_backoff_seconds (capped at 300 s, jittered).
+    webhook_max_attempts: int = Field(default=6, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(default=2.0, gt=0)
+    # Per network operation (connect, send, first response bytes) of one attempt.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _valid_webhook_allowlist(cls, value: str) -> str:
+        from compactor.webhooks import parse_allowlist  # lazy: only processes that use webhooks load httpx
+
+        parse_allowlist(value)  # a typo must stop the process at start-up, not refuse every URL later
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _valid_webhook_secrets(cls, value: str) -> str:
+        from compactor.webhooks import inline_secrets
+
+        inline_secrets(value)
+        return value
 
     @property
     def resolved_data_dir(self) -> Path:

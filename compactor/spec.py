@@ -9,6 +9,7 @@ silently turns a stage off.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -100,6 +101,40 @@ class TargetSpec(_Section):
     max_trials: int = Field(default=6, ge=2, le=20)
 
 
+class NotifySpec(_Section):
+    url: str = Field(
+        max_length=2048,
+        description="http(s) URL POSTed (signed, see Compactor-Signature) when the job ends; "
+        "its host must be on the server's webhook allowlist.",
+        examples=["https://hooks.example.com/compactor"],
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, value: str) -> str:
+        # Syntax only; the gateway checks the host against the operator's allowlist. What is
+        # refused here is what lets two URL parsers disagree about the host (userinfo, '#',
+        # backslashes, whitespace), so the host a reader sees is the host that is contacted.
+        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value) or "\\" in value:
+            raise ValueError("the URL must not contain whitespace, control characters or backslashes")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("only http and https URLs are allowed")
+        if "@" in parts.netloc:
+            raise ValueError("the URL must not carry credentials (user:password@host)")
+        if "#" in value:
+            raise ValueError("the URL must not have a fragment ('#')")
+        if not parts.hostname:
+            raise ValueError("the URL has no host")
+        try:
+            port = parts.port  # raises ValueError for a port out of range or not a number
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("the URL's port must be a number from 1 to 65535")
+        return value
+
+
 class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -108,6 +143,7 @@ class JobSpec(_Section):
     quantize: QuantizeSpec | None = None
     target: TargetSpec | None = None
     device: DeviceName = "auto"
+    notify: NotifySpec | None = None
 
     @model_validator(mode="after")
     def _target_needs_prune(self) -> "JobSpec":

@@ -19,6 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from compactor.settings import Settings, get_settings
 from compactor.storage import StorageUnavailable
 from service.deps import Resources
+from service.fastpath import JobPollFastPath
+from service.metrics import RequestMetricsMiddleware, metrics_registry
 from service.errors import (
     RETRY_AFTER_SECONDS,
     ErrorItem,
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # present FastAPI re-resolves every dependency on every request (~4 ms of CPU each).
     app.state.settings = settings
     app.state.resources = resources
+    app.state.metrics_registry = metrics_registry(resources)
 
     install_error_handlers(app)
 

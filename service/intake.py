@@ -22,8 +22,10 @@ from compactor.settings import Settings
 from compactor.spec import JobSpec, parse_spec
 from compactor.storage import LocalStorage
 from compactor.store.base import JobStore
+from compactor.webhooks import WebhookConfigError, check_notify_url
 from service.deps import valid_id
-from service.errors import ApiError, not_found
+from service.errors import RETRY_AFTER_SECONDS, ApiError, not_found
+from service.metrics import record_upload
 from service.schemas import JobRequest
 from service.uploads import Part, multipart_parts, request_budget, store_file_part
 
@@ -83,6 +85,7 @@ def _save(storage: LocalStorage, cleanup: _Cleanup, part: Part, kind: UploadKind
     upload_id = new_id(_PREFIX[kind])
     cleanup.files.append(upload_id)
     stored = store_file_part(storage, part, upload_id, settings.max_upload_bytes)
+    record_upload(kind, stored.size_bytes)
     return upload_id, stored.size_bytes, stored.sha256
 
 
@@ -122,6 +125,22 @@ def receive_upload(
     except BaseException:
         cleanup.undo()
         raise
+
+
+def _check_notify(spec: JobSpec, settings: Settings, tenant: str) -> None:
+    """Refuse a webhook this server would not send (``422 invalid_spec`` at ``spec.notify.url``:
+    host off the operator's allowlist, or no signing secret for the tenant) before anything exists."""
+    if spec.notify is None:
+        return
+    try:
+        check_notify_url(spec.notify.url, settings, tenant)
+    except WebhookConfigError as exc:
+        log.error("webhook configuration: %s", exc)
+        raise ApiError(
+            503, "webhooks_unavailable",
+            "the server's webhook configuration cannot be read; retry shortly, or submit without spec.notify",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
 
 
 @dataclass
@@ -187,6 +206,7 @@ def submit_multipart(
         if model is None:
             raise _missing("model")
         spec = parse_spec(spec_text)  # pydantic.ValidationError → 422 invalid_spec (loc under "spec")
+        _check_notify(spec, settings, tenant)
         model_upload, _ = _describe(storage, "model", *model, tenant)
         dataset_upload, facts = _describe(storage, "dataset", *dataset, tenant) if dataset else (None, None)
         check_compatibility(model_upload.format, spec, facts)
@@ -210,6 +230,7 @@ def submit_json(
     """``POST /v1/jobs`` as JSON: a spec that names ``model_id`` (and ``dataset_id``) of earlier uploads."""
     request = JobRequest.model_validate_json(body or b"{}")
     spec = request.to_spec()
+    _check_notify(spec, settings, tenant)
     model = store.get_upload(valid_id(request.model_id, "model"), tenant)
     if model is None or model.kind != "model":
         raise not_found("model")

@@ -25,6 +25,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from compactor.logs import configure_logging
 from compactor.queue import celery_config
 from compactor.settings import get_settings
 from worker.runtime import WORKER_DEVICE_ENV
@@ -45,9 +46,8 @@ _reaper: Any = None
 def _configure_logging(**_: Any) -> None:
     # worker_hijack_root_logger is off (the config is shared with the gateway), so the
     # project's own loggers would print nothing; give them a plain handler.
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     device = os.environ.get(WORKER_DEVICE_ENV, "auto")
     # "torch loaded: False" is the proof that this process (a prefork parent included) has not
     # touched CUDA before its device was chosen; worker_process_init loads it afterwards.
@@ -65,6 +65,8 @@ def _preload_core(**_: Any) -> None:
     # Sent in the process that runs tasks (the solo worker itself, or each prefork child after
     # the fork), never in a prefork parent: load torch and the core now so that the first job
     # does not pay for it and a broken install shows at start-up, not as a failed job.
+    if _is_notifier():
+        return
     started = time.perf_counter()
     import worker.compression.pipeline  # noqa: F401
 
@@ -77,9 +79,16 @@ def _preload_core(**_: Any) -> None:
     log.info("compression core loaded in %.1fs", time.perf_counter() - started)
 
 
+def _is_notifier() -> bool:
+    # `compactor notifier` (compactor/cli.py) consumes webhooks only: no torch, no reaper.
+    return os.environ.get("COMPACTOR_WORKER_ROLE") == "notifier"
+
+
 @signals.worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     global _reaper
+    if _is_notifier():
+        return
     from compactor.store import open_store
     from worker.reaper import Reaper
     from worker.runtime import open_queue

@@ -34,10 +34,12 @@ from pydantic import ValidationError
 
 from compactor.errors import Cancelled, CompactorError
 from compactor.jobs import Artifact, Job, JobError, JobStatus
+from compactor.logs import job_context
 from compactor.settings import Settings
 from compactor.spec import JobSpec, parse_spec
 from compactor.store.base import JobStore
 from worker.lease import LeaseKeeper, StopReason
+from worker.metrics import record_finished_job
 
 if TYPE_CHECKING:
     from compactor.storage import LocalStorage
@@ -82,6 +84,16 @@ def _resolve_inputs(job: Job, storage: LocalStorage) -> tuple[Path, Path | None]
     return model_path, dataset_path
 
 
+def _logged_progress(lease: LeaseKeeper) -> Callable[[str, float], None]:
+    """The core's progress callback: the lease records it; log lines carry the stage."""
+
+    def progress(stage: str, fraction: float) -> None:
+        job_context.set_stage(stage)
+        lease.progress(stage, fraction)
+
+    return progress
+
+
 def _run_core(
     model_path: Path,
     spec: JobSpec,
@@ -95,16 +107,17 @@ def _run_core(
     from worker.compression.pipeline import compress_files
     from worker.sandbox import probe_torchscript
 
+    progress = _logged_progress(lease)
     if detect_model_format(model_path) == "torchscript":
         # A crafted archive can crash the loader: a throwaway child opens it first.
-        lease.progress("load", 0.0)
+        progress("load", 0.0)
         probe_torchscript(model_path, timeout_seconds=probe_seconds)
     return compress_files(
         model_path,
         spec,
         out_dir,
         dataset_path=dataset_path,
-        progress=lease.progress,
+        progress=progress,
         should_cancel=lease.should_cancel,
     )
 
@@ -170,9 +183,13 @@ def execute_job(
     )
     lease.start()
     try:
-        return _attempt(job, store, storage, owner, lease, settings.torchscript_probe_seconds)
+        with job_context.job(job_id, job.tenant):
+            outcome = _attempt(job, store, storage, owner, lease, settings.torchscript_probe_seconds)
     finally:
         lease.stop()  # idempotent; _attempt stops it earlier on the paths that write
+    if outcome is Outcome.finished:
+        record_finished_job(store, job_id)
+    return outcome
 
 
 def _make_work_dir(storage: LocalStorage, job_id: str) -> Path:

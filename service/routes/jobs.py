@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from compactor.jobs import TERMINAL, JobStatus
 from compactor.store.base import InvalidCursor
+from compactor.webhooks import notify_url_of
 from service.deps import JobDep, QueueDep, ResourcesDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.errors import ApiError, not_found, problem_responses
 from service.intake import Submitted, revoke_attempts, submit_json, submit_multipart
@@ -138,6 +139,9 @@ def cancel_job(job: JobDep, store: StoreDep, queue: QueueDep, tenant: TenantDep,
         raise not_found("job")
     if job.status is JobStatus.queued:
         queue.revoke(job.id, revoke_attempts(job))
+    if updated.status is JobStatus.cancelled and notify_url_of(updated) is not None:
+        # A queued job ends here, not in a worker: announce it as a worker would (never raises).
+        queue.enqueue_notification(updated.id)
     return JobOut.of(updated)
 
 

@@ -73,6 +73,11 @@ def test_readme_curl_examples_run_against_a_live_server(tmp_path: Path) -> None:
     # the error example printed the problem JSON with its code and the field at fault
     assert '"invalid_spec"' in done.stdout and '"amount"' in done.stdout
     assert job["status"] == "queued"
+    # the events stream's last event is the finished job; /metrics sums the worker's series into
+    # the gateway's (one PROMETHEUS_MULTIPROC_DIR for the serve tree) and reads the store
+    assert '"status": "succeeded"' in done.stdout and '"progress": 1' in done.stdout
+    assert re.search(r'^compactor_job_duration_seconds_count\{status="succeeded"\} [12]\.0$', done.stdout, re.M), done.stdout
+    assert re.search(r'^compactor_jobs\{status="succeeded"\} [12]\.0$', done.stdout, re.M), done.stdout
 
     # What a user does with the file: plain torch, a fresh interpreter, no Compactor code.
     scoring = (
