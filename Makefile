@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench bench-core bench-service clean
+.PHONY: install serve test faults bench bench-core bench-service clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The fault suite alone (also part of `make test`); prints the table of the README's
+# Reliability section and writes it to .pytest_cache/faults.md.
+faults: install
+	$(BIN)/python -m pytest -m faults tests/faults
 
 bench: bench-core bench-service
 

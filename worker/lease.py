@@ -29,15 +29,10 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from compactor.jobs import JobError, JobStatus, Stage
+from compactor.jobs import Job, JobError, JobStatus, Stage
 from compactor.store.base import JobStore
 
 log = logging.getLogger(__name__)
-
-# Heartbeats after a lease was lost or the attempt ended must never revive it;
-# when handing a job back we renew it for this long, which in effect expires it
-# at once (the store refuses a lease of zero).
-RELEASE_LEASE_SECONDS = 0.001
 
 
 class StopReason(StrEnum):
@@ -127,13 +122,34 @@ class LeaseKeeper:
         self._thread.join()
 
     def renew_now(self) -> bool:
-        """One synchronous renewal (after ``stop``): False when the lease is gone."""
-        return self._beat(self._lease_seconds)
+        """A synchronous renewal (after ``stop``): False when the lease is gone.
 
-    def release(self) -> bool:
-        """Hand the job back unfinished (worker shutting down): its lease ends now, so the
-        next claim takes it over at once instead of waiting for the lease to run out."""
-        return self._beat(RELEASE_LEASE_SECONDS)
+        A store that cannot answer is retried until the lease would have run out: a finished
+        job's result is only recorded after this, and a store blip at that moment must not
+        throw hours of work away (while the lease lives, no other attempt can own the job)."""
+        delay = 0.1
+        while not self._beat(self._lease_seconds):
+            if self.lost:  # taken over, or unanswered for a whole lease: it may be someone else's now
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        return True
+
+    def release(self) -> Job | None:
+        """Hand the job back unfinished (after ``stop``; the worker is shutting down): it is
+        queued again at once, for any worker's next claim, and this attempt does not count
+        against ``max_attempts`` (``JobStore.release``). Returns the job as handed back (or
+        cancelled, when a cancel was asked meanwhile); None when the lease was already lost or
+        the store cannot answer, in which case the lease runs out and the reaper re-queues it."""
+        try:
+            job = self._store.release(self.job_id, self.owner)
+        except Exception as exc:  # noqa: BLE001 - a stopping worker must still stop
+            log.warning("job %s: handing it back failed (%s); its lease will expire instead", self.job_id, exc)
+            return None
+        if job is None:
+            log.warning("job %s: lease lost (%s no longer owns it); nothing to hand back", self.job_id, self.owner)
+            self._set_reason(StopReason.lease_lost)
+        return job
 
     # -- the heartbeat thread
 

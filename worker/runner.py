@@ -12,7 +12,7 @@ end maps to exactly one terminal state:
     soft time limit                  → failed/timeout, no artifacts
     CompactorError (bad input)       → failed with its code and message
     anything else                    → failed/internal_error (traceback logged, never stored)
-    worker shutting down             → not finished: the lease is released and the caller re-enqueues
+    worker shutting down             → not finished: queued again (attempt not counted); the caller re-enqueues
     lease lost                       → nothing written; the attempt that took over owns the job
 
 torch and the compression core are imported lazily, inside the worker process
@@ -58,7 +58,7 @@ HARD_LIMIT_MARGIN_SECONDS = 5.0
 class Outcome(StrEnum):
     skipped = "skipped"  # claim refused: nothing ran
     finished = "finished"  # the job reached a terminal state by this attempt
-    interrupted = "interrupted"  # the worker is stopping: lease released, the caller re-enqueues
+    interrupted = "interrupted"  # the worker is stopping: job handed back to queued, the caller re-enqueues
     lost = "lost"  # the lease was taken over; nothing was recorded
 
 
@@ -288,8 +288,15 @@ def _run_attempt(
 
 
 def _hand_back(lease: LeaseKeeper, job_id: str) -> Outcome:
+    # The core has returned (it raised Cancelled) and the heartbeat thread is stopped before the
+    # store sees the job as queued: from then on another worker may claim it, and this attempt
+    # does nothing more, so the two never run at once.
     lease.stop()
-    if lease.release():
-        log.info("job %s handed back unfinished: the worker is stopping", job_id)
-        return Outcome.interrupted
-    return Outcome.lost
+    released = lease.release()
+    if released is None:
+        return Outcome.lost
+    if released.status is JobStatus.cancelled:
+        log.info("job %s cancelled (its cancel arrived as the worker was stopping)", job_id)
+        return Outcome.finished
+    log.info("job %s handed back unfinished, attempt not counted: the worker is stopping", job_id)
+    return Outcome.interrupted

@@ -170,13 +170,51 @@ def finished(
     return job.model_copy(update=update)
 
 
+def released(job: Job, owner: str, now: datetime) -> Job | None:
+    """The job handed back unfinished by ``owner`` (its worker is stopping), or None when
+    ``owner`` does not hold its lease.
+
+    The attempt is not counted: ``attempts`` goes back down by one, so a graceful stop never
+    uses up ``max_attempts`` (only attempts that crashed or stopped answering do). The job is
+    queued again, with no owner; its ``lease_expires_at`` is kept as a *redelivery deadline*:
+    the stopping worker gives its message back to the broker, and should that message be lost
+    with the worker, ``after_lease_expiry`` lets a reaper send the job again once the deadline
+    passes without a claim. A cancel asked for meanwhile is honoured: the job ends cancelled.
+    """
+    if not _holds_lease(job, owner):
+        return None
+    update: dict[str, Any] = {"lease_owner": None, "updated_at": now}
+    if job.cancel_requested:
+        check_transition(job.status, JobStatus.cancelled)
+        return job.model_copy(update={**update, "status": JobStatus.cancelled, "finished_at": now, "lease_expires_at": None})
+    check_transition(job.status, JobStatus.queued)
+    return job.model_copy(
+        update={
+            **update,
+            "status": JobStatus.queued,
+            "attempts": max(job.attempts - 1, 0),
+            # The next attempt starts over; a queued job never shows a stale stage.
+            "stage": None,
+            "progress": 0.0,
+            "lease_expires_at": job.lease_expires_at or now,
+        }
+    )
+
+
 def cancelled(job: Job, now: datetime) -> Job | None:
     """The job after a client's cancel, or None when nothing changes (it already finished
     or a cancel is already pending)."""
     if job.status is JobStatus.queued:
         check_transition(job.status, JobStatus.cancelled)
         return job.model_copy(
-            update={"status": JobStatus.cancelled, "finished_at": now, "updated_at": now, "cancel_requested": True}
+            update={
+                "status": JobStatus.cancelled,
+                "finished_at": now,
+                "updated_at": now,
+                "cancel_requested": True,
+                # A handed-back job's redelivery deadline (see ``released``) has nothing left to guard.
+                "lease_expires_at": None,
+            }
         )
     if job.status is JobStatus.running and not job.cancel_requested:
         # The worker owns a running job; it sees the flag at its next heartbeat and
@@ -185,8 +223,18 @@ def cancelled(job: Job, now: datetime) -> Job | None:
     return None
 
 
+def handed_back_unclaimed(job: Job, now: datetime) -> bool:
+    """A job ``released`` by its worker that no worker claimed before its redelivery deadline."""
+    return job.status is JobStatus.queued and job.lease_expires_at is not None and lease_expired(job, now)
+
+
 def after_lease_expiry(job: Job, now: datetime) -> Job | None:
-    """What a running job whose lease expired becomes, or None when its lease is alive."""
+    """What a running job whose lease expired becomes, or None when its lease is alive.
+
+    A handed-back queued job past its redelivery deadline stays queued with the deadline
+    cleared: it is returned so that the caller sends its message again (once)."""
+    if handed_back_unclaimed(job, now):
+        return job.model_copy(update={"lease_expires_at": None, "updated_at": now})
     if job.status is not JobStatus.running or not lease_expired(job, now):
         return None
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}

@@ -64,11 +64,22 @@ class JobStore(Protocol):
     ) -> Job | None:
         """running → succeeded|failed|cancelled, only for the lease owner; sets finished_at,
         clears the lease, progress = 1.0 exactly on success. None when the lease was lost."""
+    def release(self, job_id: str, owner: str) -> Job | None:
+        """Hand a running job back unfinished (its worker is stopping), only for the lease
+        owner: running → queued with no owner, and the attempt is not counted (attempts − 1),
+        so graceful stops never use up ``max_attempts``. The old lease expiry stays on the
+        queued job as a redelivery deadline (see ``requeue_expired``). A job whose cancel was
+        requested becomes cancelled instead. None when ``owner`` no longer holds the lease."""
     def requeue_expired(self, now: datetime) -> list[Job]:
         """Running jobs whose lease expired: back to queued when attempts < max_attempts, else
-        failed with code ``worker_lost``. Returns the jobs re-queued (the caller re-enqueues them)."""
+        failed with code ``worker_lost``. Also released jobs that nobody claimed by their
+        redelivery deadline (their hand-back message may have died with the worker): they stay
+        queued, the deadline is cleared. Returns the jobs re-queued (the caller re-enqueues them)."""
     def unfinished_jobs(self) -> list[Job]:
         """Queued and running jobs (used at start-up to re-enqueue what a stop interrupted)."""
+
+    def status_counts(self) -> dict[JobStatus, int]:
+        """How many jobs are in each state, over all tenants (every status present, zeros included)."""
 
     def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot answer."""

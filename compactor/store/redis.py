@@ -9,6 +9,7 @@ percent-encoded so that no tenant name can reach into another's keys):
     {p}:tenant:{tenant}:jobs:{status}     the same, per status (for the status filter)
     {p}:tenant:{tenant}:idempotency       hash: idempotency key → job id
     {p}:leases                            sorted set of running job ids, score = lease expiry in µs
+                                          (and of handed-back queued ones, score = redelivery deadline)
     {p}:unfinished                        set of queued and running job ids
 
 Equal scores in a sorted set are ordered by member, so "newest first" is
@@ -120,7 +121,8 @@ class RedisJobStore:
             if previous is not None:
                 pipe.zrem(self._tenant_jobs_key(job.tenant, previous.status), job.id)
             pipe.zadd(self._tenant_jobs_key(job.tenant, job.status), {job.id: created_micros})
-        if job.status is JobStatus.running and job.lease_expires_at is not None:
+        if not job.finished and job.lease_expires_at is not None:
+            # A running job's lease, or a handed-back queued job's redelivery deadline.
             pipe.zadd(self._leases_key, {job.id: _rules.to_micros(job.lease_expires_at)})
         else:
             pipe.zrem(self._leases_key, job.id)
@@ -344,6 +346,10 @@ class RedisJobStore:
         )
         return job if changed else None
 
+    def release(self, job_id: str, owner: str) -> Job | None:
+        job, changed = self._update_job(job_id, lambda job: _rules.released(job, owner, self._clock()))
+        return job if changed else None
+
     def requeue_expired(self, now: datetime) -> list[Job]:
         with self._available():
             expired_ids = cast(
@@ -366,6 +372,23 @@ class RedisJobStore:
             loaded = self._load_jobs(job_ids)
         jobs = [job for job in loaded if job is not None and not job.finished]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+    def status_counts(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        with self._available():
+            # One index per tenant and status; tenants are few, so a SCAN per scrape is cheap.
+            keys = {
+                status: list(self._redis.scan_iter(match=self._tenant_jobs_key("*", status).replace("%2A", "*"), count=500))
+                for status in JobStatus
+            }
+            pipe = self._redis.pipeline(transaction=False)
+            for status in JobStatus:
+                for key in keys[status]:
+                    pipe.zcard(key)
+            sizes = iter(pipe.execute())
+            for status in JobStatus:
+                counts[status] = sum(int(next(sizes)) for _ in keys[status])
+        return counts
 
     def ping(self) -> None:
         with self._available():

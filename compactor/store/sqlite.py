@@ -334,12 +334,19 @@ class SQLiteJobStore:
         )
         return job if changed else None
 
+    def release(self, job_id: str, owner: str) -> Job | None:
+        job, changed = self._update_job(job_id, lambda job: _rules.released(job, owner, self._clock()))
+        return job if changed else None
+
     def requeue_expired(self, now: datetime) -> list[Job]:
         requeued: list[Job] = []
         with self._writing() as connection:
+            now_us = _rules.to_micros(now)
+            # Running jobs whose lease ran out, and handed-back queued ones past their redelivery deadline.
             rows = connection.execute(
-                "SELECT doc FROM jobs WHERE status = ? AND (lease_expires_us IS NULL OR lease_expires_us <= ?)",
-                (JobStatus.running.value, _rules.to_micros(now)),
+                "SELECT doc FROM jobs WHERE (status = ? AND (lease_expires_us IS NULL OR lease_expires_us <= ?))"
+                " OR (status = ? AND lease_expires_us <= ?)",
+                (JobStatus.running.value, now_us, JobStatus.queued.value, now_us),
             ).fetchall()
             for (doc,) in rows:
                 updated = _rules.after_lease_expiry(Job.model_validate_json(doc), now)
@@ -357,6 +364,13 @@ class SQLiteJobStore:
                 (JobStatus.queued.value, JobStatus.running.value),
             ).fetchall()
         return [Job.model_validate_json(doc) for (doc,) in rows]
+
+    def status_counts(self) -> dict[JobStatus, int]:
+        with self._reading() as connection:
+            rows = connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        counts = dict.fromkeys(JobStatus, 0)
+        counts.update({JobStatus(status): count for status, count in rows})
+        return counts
 
     def ping(self) -> None:
         try:

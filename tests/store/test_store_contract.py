@@ -442,6 +442,88 @@ def test_cancel_of_a_finished_job_returns_it_unchanged(store: JobStore, clock: S
     assert store.get_job(job.id) == done
 
 
+# -- release (graceful hand-back)
+
+
+def test_release_hands_the_job_back_without_using_up_an_attempt(store: JobStore, clock: SteppingClock) -> None:
+    job = store.create_job(make_job(max_attempts=1))
+    store.claim(job.id, "worker-a", 30)
+    store.heartbeat(job.id, "worker-a", 30, stage=Stage.finetune, progress=0.4)
+    clock.advance(1)
+    assert store.release(job.id, "worker-b") is None  # only the owner may hand it back
+    back = store.release(job.id, "worker-a")
+    assert back is not None and back.status is JobStatus.queued and back.attempts == 0
+    assert back.lease_owner is None and back.stage is None and back.progress == 0.0
+    assert back.updated_at == clock.now and back.finished_at is None
+    assert store.get_job(job.id) == back
+    assert [queued.id for queued in store.list_jobs(TENANT, status=JobStatus.queued, limit=10)[0]] == [job.id]
+    # The attempt is over: nothing it does later counts.
+    assert store.release(job.id, "worker-a") is None
+    assert store.heartbeat(job.id, "worker-a", 30, stage=None, progress=0.9) is None
+    assert store.finish(job.id, "worker-a", JobStatus.succeeded) is None
+    # Graceful stops, however many, never exhaust max_attempts (here 1): the next claim is attempt 1.
+    for owner in ("worker-b", "worker-c"):
+        again = store.claim(job.id, owner, 30)
+        assert again is not None and again.attempts == 1 and again.lease_owner == owner
+        assert store.release(job.id, owner) is not None
+    last = store.claim(job.id, "worker-d", 30)
+    assert last is not None and last.attempts == 1
+    done = store.finish(job.id, "worker-d", JobStatus.succeeded)
+    assert done is not None and done.status is JobStatus.succeeded and done.attempts == 1
+
+
+def test_release_of_a_job_that_is_not_running_changes_nothing(store: JobStore) -> None:
+    queued = store.create_job(make_job())
+    assert store.release(queued.id, "worker-a") is None
+    assert store.get_job(queued.id) == queued
+    assert store.release("job_missing", "worker-a") is None
+    finished = store.create_job(make_job())
+    store.claim(finished.id, "worker-a", 30)
+    done = store.finish(finished.id, "worker-a", JobStatus.failed, error=JobError(code="x", message="y"))
+    assert store.release(finished.id, "worker-a") is None
+    assert store.get_job(finished.id) == done
+
+
+def test_release_of_a_job_whose_cancel_was_asked_ends_it_cancelled(store: JobStore) -> None:
+    job = store.create_job(make_job())
+    store.claim(job.id, "worker-a", 30)
+    store.request_cancel(job.id, TENANT)
+    # Queued again, the job could never be claimed (cancel requested): the stop is its outcome.
+    ended = store.release(job.id, "worker-a")
+    assert ended is not None and ended.status is JobStatus.cancelled and ended.finished_at is not None
+    assert ended.lease_owner is None and ended.lease_expires_at is None
+    assert store.claim(job.id, "worker-b", 30) is None
+    assert job.id not in [unfinished.id for unfinished in store.unfinished_jobs()]
+
+
+def test_a_released_job_nobody_claims_is_sent_again_once(store: JobStore, clock: SteppingClock) -> None:
+    lost_message = store.create_job(make_job())
+    delivered = store.create_job(make_job())
+    for job in (lost_message, delivered):
+        store.claim(job.id, "worker-a", 10)
+        store.release(job.id, "worker-a")
+    # The hand-back message of ``delivered`` arrived: its claim supersedes the deadline.
+    assert store.claim(delivered.id, "worker-b", 600) is not None
+    assert store.requeue_expired(clock.now + timedelta(seconds=5)) == []  # inside the deadline
+    # Past it, the job whose message died with the worker is returned for a new message, once.
+    resent = store.requeue_expired(clock.advance(11))
+    assert [job.id for job in resent] == [lost_message.id]
+    assert resent[0].status is JobStatus.queued and resent[0].attempts == 0 and resent[0].lease_expires_at is None
+    assert store.requeue_expired(clock.advance(60)) == []
+    assert store.get_job(delivered.id).status is JobStatus.running  # type: ignore[union-attr]
+    taken = store.claim(lost_message.id, "worker-c", 10)
+    assert taken is not None and taken.attempts == 1
+
+
+def test_cancel_of_a_released_job_clears_its_redelivery_deadline(store: JobStore, clock: SteppingClock) -> None:
+    job = store.create_job(make_job())
+    store.claim(job.id, "worker-a", 10)
+    store.release(job.id, "worker-a")
+    cancelled = store.request_cancel(job.id, TENANT)
+    assert cancelled is not None and cancelled.status is JobStatus.cancelled and cancelled.lease_expires_at is None
+    assert store.requeue_expired(clock.advance(60)) == []
+
+
 # -- lease expiry
 
 
@@ -491,6 +573,21 @@ def test_unfinished_jobs_are_the_queued_and_running_ones(store: JobStore) -> Non
     elsewhere = store.create_job(make_job(tenant=OTHER_TENANT, created_at=base + timedelta(seconds=9)))
     # All tenants: this is the worker's start-up view, oldest first.
     assert [job.id for job in store.unfinished_jobs()] == [queued.id, running.id, elsewhere.id]
+
+
+def test_status_counts_cover_every_tenant_and_follow_transitions(store: JobStore) -> None:
+    assert store.status_counts() == dict.fromkeys(JobStatus, 0)
+    queued, running, cancelled = (store.create_job(make_job()) for _ in range(3))
+    store.create_job(make_job(tenant="tenant with spaces:and*glob"))
+    store.claim(running.id, "worker-a", 30)
+    store.request_cancel(cancelled.id, TENANT)
+    counts = store.status_counts()
+    assert counts == {**dict.fromkeys(JobStatus, 0), JobStatus.queued: 2, JobStatus.running: 1, JobStatus.cancelled: 1}
+    store.finish(running.id, "worker-a", JobStatus.succeeded)
+    store.delete_job(queued.id, TENANT)
+    assert store.status_counts() == {
+        **dict.fromkeys(JobStatus, 0), JobStatus.queued: 1, JobStatus.succeeded: 1, JobStatus.cancelled: 1
+    }
 
 
 # -- delete

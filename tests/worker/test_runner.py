@@ -119,6 +119,8 @@ def test_shutdown_hands_the_job_back_for_an_immediate_takeover(parts, inputs) ->
     thread.join(30)
 
     assert outcome == [Outcome.interrupted]
-    # The lease was released, not left to run out: another worker claims it at once.
+    # Handed back, not left to run out: queued at once, and the stop did not use up an attempt.
+    handed_back = store.get_job(job.id)
+    assert handed_back is not None and handed_back.status is JobStatus.queued and handed_back.attempts == 0
     taken = store.claim(job.id, "next", 60.0)
-    assert taken is not None and taken.attempts == 2
+    assert taken is not None and taken.attempts == 1
