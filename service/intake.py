@@ -166,6 +166,11 @@ def _create_and_enqueue(
     if stored.id != job.id:
         # A retry of an earlier request: that job stands, this request's uploads go.
         cleanup.undo()
+        if stored.status is JobStatus.queued and stored.attempts == 0:
+            # The first request may have died between storing the job and enqueueing it (the
+            # client retried because it got no answer): send it again. A second message for a
+            # job is harmless — the claim lets only one attempt run.
+            queue.enqueue(stored.id, attempt=1)
         return Submitted(stored, created=False)
     try:
         queue.enqueue(stored.id, attempt=1)
