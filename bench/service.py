@@ -248,7 +248,8 @@ class Service:
                 COMPACTOR_SUPERVISOR_PID=str(os.getpid()), **extra_env,
             )
             self._start("gateway", ["gateway", "--port", str(self.port)], env)
-            self._start("worker", ["worker", "--name", "bench@%h"], env)
+            # Same machine as the gateway: the workers' niceness `compactor serve` also uses.
+            self._start("worker", ["worker", "--name", "bench@%h"], {**env, "COMPACTOR_WORKER_NICE": "10"})
             self.ready_log = self.children[1]
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> None:

@@ -151,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.insecure:
         gateway.append("--insecure")
     env = dict(os.environ)
+    # The gateway shares this machine's cores with training: workers yield the CPU to it.
+    env.setdefault("COMPACTOR_WORKER_NICE", "10")
     if "COMPACTOR_TORCH_THREADS" not in env:
         # One machine shared by the gateway and the workers: keep a core for the gateway.
         env["COMPACTOR_TORCH_THREADS"] = str(max(1, ((os.cpu_count() or 2) - 1) // args.workers))
@@ -228,6 +230,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from compactor.settings import get_settings
 
     settings = get_settings()
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)  # before torch starts its threads: they inherit it
     name = args.name or (f"gpu{args.gpu}@%h" if args.gpu is not None else f"compactor-{os.getpid()}@%h")
     from worker.celery_app import app
 

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # Torch threads per worker process; None = torch's default (all cores). `compactor serve`
     # leaves one core to the gateway so status polls stay fast while a job trains.
     torch_threads: int | None = Field(default=None, ge=1)
+    # Niceness a worker process adds to its own CPU priority. Where workers share cores with the
+    # gateway (`compactor serve` sets 10 unless told otherwise), training then takes what the
+    # gateway leaves and status polls stay fast; on worker-only hosts leave it at 0.
+    worker_nice: int = Field(default=0, ge=0, le=19)
     # uvicorn's per-request access log; off by default (dashboards poll every second).
     access_log: bool = False
     # "json": one JSON object per line with job_id, tenant and stage (for log pipelines).

@@ -89,6 +89,11 @@ class Serve:
         self.proc.close()
 
 
+def niceness(pid: int) -> int:
+    # /proc/<pid>/stat: the 19th field is the nice value (after the parenthesised command name).
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e-inputs")
@@ -213,6 +218,9 @@ def test_killed_processes_are_recovered_after_the_lease_expires(tmp_path: Path, 
     # 1. The worker alone dies (OOM killer, segfault): the supervisor starts a new one, whose
     #    reaper re-queues the job once the dead attempt's lease runs out.
     (worker_pid,) = [pid for pid in children_of(first.proc.pid) if "worker" in command_line(pid)]
+    # Training yields the CPU to the gateway on a shared machine (COMPACTOR_WORKER_NICE=10 by serve).
+    gateway_pid = next(pid for pid in children_of(first.proc.pid) if "gateway" in command_line(pid))
+    assert (niceness(worker_pid), niceness(gateway_pid)) == (10, 0)
     os.kill(worker_pid, signal.SIGKILL)
     wait_for(
         lambda: [pid for pid in children_of(first.proc.pid) if "worker" in command_line(pid) and pid != worker_pid],
