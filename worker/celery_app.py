@@ -68,6 +68,9 @@ def _preload_core(**_: Any) -> None:
     if _is_notifier():
         return
     started = time.perf_counter()
+    from worker.sandbox import start_fork_server
+
+    start_fork_server()  # imports torch in its own process while this one loads the core
     import worker.compression.pipeline  # noqa: F401
 
     threads = get_settings().torch_threads

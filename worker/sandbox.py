@@ -42,6 +42,17 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
         return _context
 
 
+def start_fork_server() -> None:
+    """Start the fork server now, at worker start-up, instead of at the first TorchScript job.
+
+    It imports torch (~1.5-3 s) in its own process while the worker loads the core, so the
+    first job's probe is a fork like every later one (that job used to wait for the import)."""
+    import multiprocessing.forkserver
+
+    _forkserver()
+    multiprocessing.forkserver.ensure_running()
+
+
 def _mapped_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:
