@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import multiprocessing
+import re
 import os
 import shutil
 import signal
@@ -189,6 +191,10 @@ def make_inputs(root: Path, upload_mib: int) -> Inputs:
     upload = root / "upload.npz"
     started = time.perf_counter()
     rows = write_npz_dataset(upload, upload_mib)
+    # On disk now: left dirty, the kernel writes this gigabyte back ~30 s later, in the middle
+    # of a topology's upload measurement, which then measures the disk's contention, not us.
+    with open(upload, "rb") as written:
+        os.fsync(written.fileno())
     print(f"wrote {upload.stat().st_size / MIB:.0f} MiB upload file ({rows} samples) in {time.perf_counter() - started:.1f} s", flush=True)
     return Inputs(model=model, quick_dataset=quick, long_dataset=long, upload=upload, upload_rows=rows)
 
@@ -248,8 +254,10 @@ class Service:
                 COMPACTOR_SUPERVISOR_PID=str(os.getpid()), **extra_env,
             )
             self._start("gateway", ["gateway", "--port", str(self.port)], env)
-            # Same machine as the gateway: the workers' niceness `compactor serve` also uses.
-            self._start("worker", ["worker", "--name", "bench@%h"], {**env, "COMPACTOR_WORKER_NICE": "10"})
+            # Same machine as the gateway: what `compactor serve` gives its worker there (one core
+            # left to the gateway, lower CPU priority), so both topologies measure the same split.
+            worker_env = {"COMPACTOR_WORKER_NICE": "10", "COMPACTOR_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
+            self._start("worker", ["worker", "--name", "bench@%h"], {**env, **worker_env})
             self.ready_log = self.children[1]
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> None:
@@ -277,7 +285,9 @@ class Service:
 
             wait_for(up, STARTUP_TIMEOUT_S, f"{self.topology} gateway /readyz", interval=0.2)
         # The worker logs " ready." once it consumes; jobs sent earlier would count its start-up.
-        wait_for(lambda: " ready." in self.ready_log.log_tail(10**7), STARTUP_TIMEOUT_S, "the worker to be ready", 0.2)
+        # (Under serve the webhook notifier logs " ready." too, often first: match the worker's line.)
+        ready = re.compile(r"(worker1|bench)@\S* ready\.")
+        wait_for(lambda: ready.search(self.ready_log.log_tail(10**7)), STARTUP_TIMEOUT_S, "the worker to be ready", 0.2)
 
     def gateway_pid(self) -> int:
         if self.topology != "embedded":
@@ -353,6 +363,42 @@ class Figure:
         return "—" if self.met is None else ("yes" if self.met else "**no**")
 
 
+def _poller(base: str, path: str, ready: Any, start_at: Any, seconds: float, results: Any) -> None:
+    """One closed-loop poller (a process of its own): back-to-back GETs for ``seconds``."""
+    latencies: list[float] = []
+    errors = 0
+    statuses: set[str] = set()
+    with httpx.Client(base_url=base, timeout=10) as http:
+        for _ in range(3):  # connect and warm up outside the window
+            http.get(path)
+        ready.wait(timeout=60)
+        while start_at.value == 0.0:
+            time.sleep(0.001)
+        while time.perf_counter() < start_at.value:
+            time.sleep(0.001)
+        cpu_start = time.process_time()
+        begin = time.perf_counter()
+        end = begin + seconds
+        for _ in range(MAX_REQUESTS_PER_POLLER):
+            started = time.perf_counter()
+            if started >= end:
+                break
+            try:
+                response = http.get(path)
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                errors += 1
+            else:
+                statuses.add(response.json()["status"])
+        results.put(
+            {"latencies": latencies, "errors": errors, "statuses": sorted(statuses),
+             "elapsed": time.perf_counter() - begin, "cpu": time.process_time() - cpu_start}
+        )
+
+
 def measure_polling(service: Service, client: Client, inputs: Inputs, pollers: int, seconds: float) -> list[Figure]:
     """Figure 1: status polls while a fine-tuning job runs."""
     model = client.upload_model(inputs.model)
@@ -369,52 +415,33 @@ def measure_polling(service: Service, client: Client, inputs: Inputs, pollers: i
 
     wait_for(training, JOB_TIMEOUT_S, "the long job to be fine-tuning", interval=0.1)
 
-    latencies: list[list[float]] = [[] for _ in range(pollers)]
-    errors = [0] * pollers
-    statuses: list[set[str]] = [set() for _ in range(pollers)]
     gateway = service.gateway_pid()
-    window: dict[str, float] = {}
-
-    def open_window() -> None:
-        # Runs once, when every poller is connected and warm: the window starts now for all.
-        window["gateway_cpu"] = proc_cpu_seconds(gateway)
-        window["own_cpu"] = time.process_time()
-        window["start"] = time.perf_counter()
-        window["end"] = window["start"] + seconds
-
-    barrier = threading.Barrier(pollers + 1, action=open_window)
-
-    def poll(index: int) -> None:
-        with httpx.Client(base_url=service.base, timeout=10) as http:
-            for _ in range(3):  # connect and warm up outside the window
-                http.get(path)
-            barrier.wait()
-            end = window["end"]
-            own = latencies[index]
-            for _ in range(MAX_REQUESTS_PER_POLLER):
-                started = time.perf_counter()
-                if started >= end:
-                    break
-                try:
-                    response = http.get(path)
-                except httpx.HTTPError:
-                    errors[index] += 1
-                    continue
-                own.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    errors[index] += 1
-                else:
-                    statuses[index].add(response.json()["status"])
-
-    threads = [threading.Thread(target=poll, args=(i,), name=f"poller-{i}", daemon=True) for i in range(pollers)]
-    for thread in threads:
-        thread.start()
-    barrier.wait(timeout=60)
-    for thread in threads:
-        thread.join(timeout=seconds + 30)
-    elapsed = time.perf_counter() - window["start"]
-    gateway_cpu = (proc_cpu_seconds(gateway) - window["gateway_cpu"]) / elapsed
-    own_cpu = (time.process_time() - window["own_cpu"]) / elapsed
+    # One process per poller, like the independent dashboards and pipelines they stand for:
+    # threads of one process would share its GIL, and each poll's latency would include the
+    # time it waited for the other pollers' Python code, not the service.
+    context = multiprocessing.get_context("fork")
+    ready = context.Barrier(pollers + 1)
+    start_at = context.Value("d", 0.0)
+    results = context.Queue()
+    workers = [
+        context.Process(target=_poller, args=(service.base, path, ready, start_at, seconds, results), daemon=True)
+        for _ in range(pollers)
+    ]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=60)  # every poller is connected and warm
+    gateway_cpu_before = proc_cpu_seconds(gateway)
+    start_at.value = time.perf_counter() + 0.05
+    collected = [results.get(timeout=seconds + 60) for _ in workers]
+    elapsed = max(result["elapsed"] for result in collected)
+    gateway_cpu = (proc_cpu_seconds(gateway) - gateway_cpu_before) / elapsed
+    # The pollers' CPU, all processes together (the figure says how busy the client side was).
+    own_cpu = sum(result["cpu"] for result in collected) / elapsed
+    for worker in workers:
+        worker.join(timeout=10)
+    latencies = [result["latencies"] for result in collected]
+    errors = [result["errors"] for result in collected]
+    statuses = [set(result["statuses"]) for result in collected]
     still = client.get(job["id"])
     covered = still["status"] == "running" and all(s <= {"running"} for s in statuses)
     client.cancel(job["id"])
@@ -530,7 +557,7 @@ def measure_overhead(jobs: list[dict[str, Any]]) -> list[Figure]:
         Figure(
             f"service overhead per job, median of {len(rows)} (job median {median_total:.2f} s)",
             f"{statistics.median(overheads):.3f} s ({statistics.median(shares):.1%})",
-            "≤ 1 s or ≤ 5%", met, key="overhead_median",
+            "≤ 1 s or ≤ 5%", statistics.median(overheads) <= 1.0 or statistics.median(shares) <= 0.05, key="overhead_median",
         ),
         Figure("service overhead per job, max", f"{max(overheads):.3f} s ({max(shares):.1%})", "≤ 1 s or ≤ 5%", met, key="overhead_max"),
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from tests.worker.support import (
 
 LEASE_SECONDS = "3"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+# Celery's line once `compactor serve`'s first job worker consumes ("worker1@<host> ready.").
+WORKER_READY = re.compile(r"worker1@\S* ready\.")
 
 
 class Serve:
@@ -69,7 +72,8 @@ class Serve:
         wait_for(ready, 60, "the gateway to answer /healthz", interval=0.2)
         # The worker too: a job submitted before it listens would still run, but the
         # tests' timings assume it is up.
-        self.proc.wait_log(" ready.", timeout=60)
+        # (The notifier logs " ready." too, often first: wait for the job worker's own line.)
+        wait_for(lambda: WORKER_READY.search(self.proc.log()), 60, "the worker to be ready", interval=0.2)
 
     def tree(self) -> list[int]:
         """Every descendant pid of the supervisor."""
