@@ -191,6 +191,8 @@ class _MultipartReader:
         self._header_lines = 0
         self._header_bytes = 0
         self._preamble_bytes = 0
+        self._preamble_tail = b""
+        self._boundary_seen = False
         self._seen_part = False
         self._finished = False
         self._in_part = False
@@ -266,9 +268,21 @@ class _MultipartReader:
     def _count_preamble(self, chunk: bytes) -> None:
         """Count what precedes the first boundary, before the parser skips over it.
 
-        (A boundary split between two pieces counts its first half as preamble: a few bytes.)"""
-        found = chunk.find(self._delimiter)
-        self._preamble_bytes += len(chunk) if found < 0 else found
+        The boundary may arrive split over any number of pieces (a client may send one byte at a
+        time), so the search runs over the unresolved tail of earlier pieces plus this one; only
+        bytes that can no longer start the boundary count as preamble."""
+        if self._boundary_seen:
+            return
+        window = self._preamble_tail + chunk
+        found = window.find(self._delimiter)
+        if found >= 0:
+            self._preamble_bytes += found
+            self._boundary_seen = True
+            self._preamble_tail = b""
+        else:
+            keep = min(len(window), len(self._delimiter) - 1)
+            self._preamble_bytes += len(window) - keep
+            self._preamble_tail = window[len(window) - keep :]
         if self._preamble_bytes > MAX_PREAMBLE_BYTES:
             raise malformed(f"no multipart boundary within the first {MAX_PREAMBLE_BYTES} bytes of the body")
 
