@@ -94,6 +94,7 @@ def _start_reaper(**_: Any) -> None:
         return
     from compactor.store import open_store
     from worker.reaper import Reaper
+    from compactor.webhooks import notify_url_of
     from worker.runtime import open_queue
 
     settings = get_settings()
@@ -103,6 +104,8 @@ def _start_reaper(**_: Any) -> None:
         open_store(settings.effective_store_url),
         lambda job_id, attempt: queue.enqueue(job_id, attempt),
         interval=settings.lease_seconds / 3,
+        # Jobs the reaper ends (worker_lost) get their webhook like jobs a worker ends.
+        on_ended=lambda job: notify_url_of(job) is not None and queue.enqueue_notification(job.id),
     )
     _reaper.start()
     log.info("reaper started (every %.1fs)", _reaper.interval)

@@ -74,7 +74,9 @@ class JobStore(Protocol):
         """Running jobs whose lease expired: back to queued when attempts < max_attempts, else
         failed with code ``worker_lost``. Also released jobs that nobody claimed by their
         redelivery deadline (their hand-back message may have died with the worker): they stay
-        queued, the deadline is cleared. Returns the jobs re-queued (the caller re-enqueues them)."""
+        queued, the deadline is cleared. A job whose cancel was requested ends cancelled.
+        Returns every job it changed: the queued ones (the caller sends their messages again) and
+        the ones it ended, failed or cancelled (the caller announces their end)."""
     def unfinished_jobs(self) -> list[Job]:
         """Queued and running jobs (used at start-up to re-enqueue what a stop interrupted)."""
 

@@ -355,16 +355,16 @@ class RedisJobStore:
             expired_ids = cast(
                 list[str], self._redis.zrange(self._leases_key, "-inf", _rules.to_micros(now), byscore=True)
             )
-        requeued: list[Job] = []
+        changed_jobs: list[Job] = []
         for job_id in expired_ids:
             job, changed = self._update_job(job_id, lambda job: _rules.after_lease_expiry(job, now))
             if job is None:
                 # Deleted while running: drop its stale lease entry.
                 with self._available():
                     self._redis.zrem(self._leases_key, job_id)
-            elif changed and job.status is JobStatus.queued:
-                requeued.append(job)
-        return requeued
+            elif changed:
+                changed_jobs.append(job)
+        return changed_jobs
 
     def unfinished_jobs(self) -> list[Job]:
         with self._available():

@@ -339,7 +339,7 @@ class SQLiteJobStore:
         return job if changed else None
 
     def requeue_expired(self, now: datetime) -> list[Job]:
-        requeued: list[Job] = []
+        changed: list[Job] = []
         with self._writing() as connection:
             now_us = _rules.to_micros(now)
             # Running jobs whose lease ran out, and handed-back queued ones past their redelivery deadline.
@@ -353,9 +353,8 @@ class SQLiteJobStore:
                 if updated is None:
                     continue
                 self._replace_job(connection, updated)
-                if updated.status is JobStatus.queued:
-                    requeued.append(updated)
-        return requeued
+                changed.append(updated)
+        return changed
 
     def unfinished_jobs(self) -> list[Job]:
         with self._reading() as connection:

@@ -546,9 +546,11 @@ def test_requeue_expired_retries_then_fails_with_worker_lost(store: JobStore, cl
     clock.advance(11)
     # Out of attempts: the redelivered task may not run it a third time either.
     assert store.claim(job.id, "worker-d", 10) is None
-    assert store.requeue_expired(clock.now) == []
+    # The job it ended is returned too, so that the caller can announce its end.
+    [ended] = store.requeue_expired(clock.now)
     lost = store.get_job(job.id)
-    assert lost is not None and lost.status is JobStatus.failed and lost.finished_at == clock.now
+    assert lost is not None and lost == ended
+    assert lost.status is JobStatus.failed and lost.finished_at == clock.now
     assert lost.error is not None and lost.error.code == "worker_lost"
     assert store.requeue_expired(clock.advance(60)) == []
 
@@ -559,7 +561,8 @@ def test_an_expired_job_whose_cancel_was_asked_ends_cancelled(store: JobStore, c
     store.request_cancel(job.id, TENANT)
     clock.advance(11)
     assert store.claim(job.id, "worker-b", 10) is None
-    assert store.requeue_expired(clock.now) == []
+    [ended] = store.requeue_expired(clock.now)
+    assert ended.id == job.id and ended.status is JobStatus.cancelled
     assert store.get_job(job.id).status is JobStatus.cancelled  # type: ignore[union-attr]
 
 
