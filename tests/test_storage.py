@@ -38,6 +38,30 @@ def test_an_upload_is_streamed_to_disk_with_its_size_and_sha256(storage: LocalSt
     assert files_under(storage.root) == [storage.upload_path("mdl_abc")]  # no temporary left over
 
 
+def test_a_big_upload_written_back_as_it_arrives_is_stored_intact(storage: LocalStorage, monkeypatch) -> None:
+    """Past WRITE_BACK_STEP_BYTES the storage advises the kernel to write back and drop what it
+    wrote; the file must still hold every byte, in order."""
+    import compactor.storage as storage_module
+
+    advised: list[tuple[int, int]] = []
+    real = storage_module._FADVISE
+    assert real is not None, "posix_fadvise exists on Linux"
+
+    def recording(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(storage_module, "_FADVISE", recording)
+    pieces = [os.urandom(size) for size in (1, 7_000_001, 3, 9_999_999, 65_536, 20_000_000, 12_345)]
+    size, sha256 = storage.save_upload_stream("upl_big", iter(pieces), max_bytes=10**9)
+    data = b"".join(pieces)
+    assert size == len(data) and sha256 == hashlib.sha256(data).hexdigest()
+    assert storage.upload_path("upl_big").read_bytes() == data
+    # Every step advised the window behind the write position, never past what was written.
+    assert len(advised) == 2
+    assert all(offset + length <= len(data) and length <= storage_module.WRITE_BACK_WINDOW_BYTES for offset, length in advised)
+
+
 def test_an_upload_of_exactly_the_limit_is_kept(storage: LocalStorage) -> None:
     size, _ = storage.save_upload_stream("mdl_exact", [b"x" * 600, b"y" * 424], max_bytes=1024)
     assert size == 1024 and storage.upload_path("mdl_exact").stat().st_size == 1024
