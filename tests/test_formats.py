@@ -308,3 +308,53 @@ def test_non_archive_dataset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidDataset, match="pickle"):
         detect_dataset_format(path)
     assert os.path.getsize(path) > 0
+
+
+# -- the scan's own memory bounds (tests/service/test_upload_memory.py measures them end to end)
+
+
+def test_a_memo_key_out_of_sequence_is_refused_before_any_unpickler_sizes_a_table_to_it() -> None:
+    import compactor.formats as formats
+
+    # PROTO 2, EMPTY_DICT, LONG_BINPUT 2**28, STOP: C's unpickler would allocate a 2**28-slot memo.
+    bomb = b"\x80\x02}r" + struct.pack("<I", 2**28) + b"."
+    with pytest.raises(formats.MalformedPickle, match="out of sequence"):
+        formats.pickle_globals(bomb)
+    # The same object memoized at key 0 is an ordinary pickle.
+    assert formats.pickle_globals(b"\x80\x02}r" + struct.pack("<I", 0) + b".") == []
+    # A real state_dict numbers its memo 0, 1, 2, ...: it passes.
+    import io
+
+    buffer = io.BytesIO()
+    pickle.dump({"weight": [1.0, 2.0], "bias": (3, 4)}, buffer, protocol=2)
+    assert formats.pickle_globals(buffer.getvalue()) == []
+
+
+def test_the_scan_stack_and_memo_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compactor.formats as formats
+
+    monkeypatch.setattr(formats, "MAX_PICKLE_STACK_ITEMS", 50)
+    pushes = b"\x80\x02" + b"K\x01" * 60 + b"."  # 60 one-byte BININT1 pushes
+    with pytest.raises(formats.MalformedPickle, match="stack grows past 50"):
+        formats.pickle_globals(pushes)
+    monkeypatch.setattr(formats, "MAX_PICKLE_STACK_ITEMS", 100_000)
+    monkeypatch.setattr(formats, "MAX_PICKLE_MEMO_ITEMS", 10)
+    memoized = b"\x80\x04" + b"K\x01\x94" * 11 + b"."  # 11 × (BININT1, MEMOIZE)
+    with pytest.raises(formats.MalformedPickle, match="memoizes more than 10"):
+        formats.pickle_globals(memoized)
+
+
+def test_a_central_directory_over_its_budget_is_refused_before_zipfile_parses_it(tmp_path: Path) -> None:
+    from compactor.formats import ArchiveLimits
+
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(200):
+            archive.writestr(f"archive/{'n' * 100}{index}", b"x")
+    limits = ArchiveLimits(max_central_directory_bytes=4096)
+    with pytest.raises(InvalidModel, match="central directory is .* bytes, above the limit of 4096"):
+        detect_model_format(path, limits)
+    # Within budget, the archive is judged on its content instead (here: not a model).
+    with pytest.raises(InvalidModel) as within:
+        detect_model_format(path, ArchiveLimits())
+    assert "central directory" not in str(within.value)
