@@ -54,7 +54,7 @@ class Reaper:
                     log.warning("job %s: lease expired after attempt %d; %s", job.id, job.attempts, job.status.value)
                     self._announce(job)
                     continue
-                log.warning("job %s: lease expired or hand-back unclaimed; re-queued (attempts so far %d)", job.id, job.attempts)
+                log.warning("job %s: lease expired after attempt %d; re-queued", job.id, job.attempts)
                 self._unsent[job.id] = job.attempts + 1
         except Exception as exc:  # noqa: BLE001 - a store outage is retried next period
             log.warning("reaper: requeue_expired failed: %s", exc)
