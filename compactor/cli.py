@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("compactor")
 
@@ -239,15 +240,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from worker.metrics import serve_metrics
 
         serve_metrics(args.metrics_port)
+    # solo: the job runs in this process, so CUDA is initialised in exactly one place.
+    # prefork (CPU-only, --concurrency > 1): the parent never imports torch, children do.
+    pool = "solo" if args.concurrency == 1 else "prefork"
+    return _run_celery_worker(app, args.loglevel, pool, args.concurrency, settings.queue_name, name)
+
+
+def _run_celery_worker(app: Any, loglevel: str, pool: str, concurrency: int, queue: str, hostname: str) -> int:
     argv = [
         "worker",
-        f"--loglevel={args.loglevel}",
-        # solo: the job runs in this process, so CUDA is initialised in exactly one place.
-        # prefork (CPU-only, --concurrency > 1): the parent never imports torch, children do.
-        "--pool=solo" if args.concurrency == 1 else "--pool=prefork",
-        f"--concurrency={args.concurrency}",
-        f"--queues={settings.queue_name}",
-        f"--hostname={name}",
+        f"--loglevel={loglevel}",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--queues={queue}",
+        f"--hostname={hostname}",
         # No cluster chatter at start-up (mingle waits for replies) or per second (gossip,
         # event heartbeats): the store, not the broker, tracks who is alive.
         "--without-mingle",
@@ -280,22 +286,8 @@ def cmd_notifier(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings = get_settings()
-    argv = [
-        "worker",
-        f"--loglevel={args.loglevel}",
-        "--pool=threads",
-        f"--concurrency={args.concurrency}",
-        f"--queues={notify_queue_name(settings)}",
-        f"--hostname={args.name or f'notifier-{os.getpid()}@%h'}",
-        "--without-mingle",
-        "--without-gossip",
-        "--without-heartbeat",
-    ]
-    try:
-        app.worker_main(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
-    return 0
+    name = args.name or f"notifier-{os.getpid()}@%h"
+    return _run_celery_worker(app, args.loglevel, "threads", args.concurrency, notify_queue_name(settings), name)
 
 
 # -- parser
