@@ -33,6 +33,8 @@ from tests.worker.support import (
     finetune_spec,
     free_port,
     pid_alive,
+    redis_or_skip,
+    wait_answering,
     wait_for,
     write_digits_dataset,
     write_torchscript_model,
@@ -61,15 +63,7 @@ class Serve:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.process.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.process.returncode}:\n{self.proc.log()[-4000:]}")
-            try:
-                return self.client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, 60, "the gateway to answer /healthz", interval=0.2)
+        wait_answering(self.proc, self.base, interval=0.2)
         # The worker too: a job submitted before it listens would still run, but the
         # tests' timings assume it is up.
         # (The notifier logs " ready." too, often first: wait for the job worker's own line.)
@@ -270,15 +264,7 @@ def get_job_from_store(data_dir: Path, job_id: str) -> dict[str, Any]:
 
 @pytest.fixture()
 def redis_db() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("COMPACTOR_REQUIRE_REDIS") == "1":
-            pytest.fail(f"Redis is required (COMPACTOR_REQUIRE_REDIS=1) but unreachable: {exc}")
-        pytest.skip(f"Redis unreachable at {REDIS_URL}: {exc}")
+    client = redis_or_skip(REDIS_URL)
     client.flushdb()
     try:
         yield REDIS_URL

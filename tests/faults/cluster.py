@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from compactor.jobs import Job, new_id
@@ -31,7 +30,7 @@ from compactor.spec import parse_spec
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from tests.faults.ledger import Ledger
-from tests.worker.support import TENANT, Proc, add_upload, child_env, free_port, wait_for
+from tests.worker.support import TENANT, Proc, add_upload, child_env, free_port, wait_answering, wait_for
 
 # Short leases so that recovery takes seconds (production: 30 s lease, 1 s heartbeat).
 LEASE_SECONDS = 3.0
@@ -246,18 +245,8 @@ class Cluster:
     def start_gateway(self) -> Proc:
         argv = [sys.executable, "-m", "compactor.cli", "gateway", "--port", str(self.gateway_port)]
         self.gateway = Proc(argv, self.env(), self.logs / f"gateway-{new_id('g')}.log")
-        gateway = self.gateway
-
-        def answering() -> bool:
-            if gateway.process.poll() is not None:
-                raise AssertionError(f"the gateway exited with {gateway.process.returncode}:\n{gateway.log()[-3000:]}")
-            try:
-                return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(answering, 60, "the gateway to answer /healthz", interval=0.05)
-        return gateway
+        wait_answering(self.gateway, self.base_url, interval=0.05)
+        return self.gateway
 
     @property
     def base_url(self) -> str:

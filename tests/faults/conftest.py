@@ -22,7 +22,7 @@ import redis
 
 from tests.faults.cluster import Cluster, ClusterFactory, flush_databases
 from tests.faults.ledger import FaultRow, render_table
-from tests.worker.support import write_digits_dataset, write_torchscript_model
+from tests.worker.support import redis_or_skip, write_digits_dataset, write_torchscript_model
 
 BROKER_URL = "redis://127.0.0.1:6379/10"
 STORE_URL = "redis://127.0.0.1:6379/11"
@@ -33,15 +33,7 @@ _ROWS: list[FaultRow] = []
 @pytest.fixture(scope="session")
 def shared_redis() -> tuple[str, str]:
     """(broker URL, store URL) on the shared Redis, or a skip when it does not answer."""
-    client = redis.Redis.from_url(BROKER_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("COMPACTOR_REQUIRE_REDIS") == "1":
-            pytest.fail(f"COMPACTOR_REQUIRE_REDIS=1 but Redis at {BROKER_URL} does not answer: {exc}")
-        pytest.skip(f"the fault suite needs Redis at {BROKER_URL}: {exc}")
-    finally:
-        client.close()
+    redis_or_skip(BROKER_URL).close()
     return BROKER_URL, STORE_URL
 
 

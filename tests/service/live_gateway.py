@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from tests.service.conftest import ALICE, BOB
-from tests.worker.support import Proc, child_env, free_port, wait_for
+from tests.worker.support import Proc, child_env, free_port, wait_answering
 
 MIB = 1024 * 1024
 
@@ -30,16 +28,7 @@ class LiveGateway:
             log_path,
         )
         self.pid = self.proc.pid
-
-        def ready() -> bool:
-            if self.proc.process.poll() is not None:
-                raise AssertionError(f"the gateway exited with {self.proc.process.returncode}:\n{self.proc.log()[-4000:]}")
-            try:
-                return httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, 60, "the gateway to answer /healthz", interval=0.1)
+        wait_answering(self.proc, self.base_url)
 
     # -- memory, from /proc/<pid>/status
 

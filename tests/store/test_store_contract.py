@@ -24,6 +24,7 @@ from compactor.jobs import Artifact, Job, JobError, JobStatus, Stage, Upload, ne
 from compactor.store import InvalidCursor, JobStore, StoreUnavailable, open_store
 from compactor.store.redis import RedisJobStore
 from compactor.store.sqlite import SQLiteJobStore
+from tests.worker.support import redis_or_skip
 
 # A database of its own, flushed by the fixture; overridable to point at another server.
 REDIS_URL = os.environ.get("COMPACTOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -46,14 +47,7 @@ class SteppingClock:
 
 
 def _flushed_redis_or_skip() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as exc:
-        client.close()
-        if os.environ.get("COMPACTOR_REQUIRE_REDIS") == "1":
-            pytest.fail(f"COMPACTOR_REQUIRE_REDIS=1 but Redis at {REDIS_URL} does not answer: {exc}")
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    client: redis.Redis = redis_or_skip(REDIS_URL)
     client.flushdb()
     return client
 

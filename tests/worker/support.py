@@ -215,3 +215,35 @@ def pid_alive(pid: int) -> bool:
         return False
     # A zombie has exited; only its parent's wait is missing.
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_answering(proc: Proc, base_url: str, timeout: float = 60, interval: float = 0.1) -> None:
+    """Until the HTTP server ``proc`` runs answers ``GET /healthz`` with 200; fails at once if it exits."""
+    import httpx
+
+    def answering() -> bool:
+        if proc.process.poll() is not None:
+            raise AssertionError(f"pid {proc.pid} exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+        try:
+            return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answering, timeout, f"{base_url} to answer /healthz", interval=interval)
+
+
+def redis_or_skip(url: str) -> Any:
+    """A client of the Redis at ``url`` once it answers a ping; else the test is skipped, or
+    fails when COMPACTOR_REQUIRE_REDIS=1 (CI, where Redis is part of the environment)."""
+    import pytest
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        if os.environ.get("COMPACTOR_REQUIRE_REDIS") == "1":
+            pytest.fail(f"COMPACTOR_REQUIRE_REDIS=1 but Redis at {url} does not answer: {exc}")
+        pytest.skip(f"no Redis at {url}: {exc}")
+    return client
