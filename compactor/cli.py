@@ -110,9 +110,11 @@ def _fresh_metrics_dir(path: Path) -> None:
     series of a previous run must not add up with this one's."""
     import shutil
 
+    from compactor.metrics import MULTIPROC_ENV
+
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    os.environ[MULTIPROC_ENV] = str(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

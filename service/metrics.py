@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable
@@ -27,19 +26,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compactor.jobs import JobStatus
+from compactor.metrics import local_series_registry
 from service.auth import bearer_token
 from service.deps import SettingsDep
 from service.errors import ApiError
 
 log = logging.getLogger("service")
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 HTTP_LATENCY = Histogram(
     "compactor_http_request_duration_seconds",
@@ -139,21 +136,9 @@ class StoreCollector(Collector):
 
 def metrics_registry(resources: Any) -> CollectorRegistry:
     """This process's series (or every process's, under ``compactor serve``) plus the store's."""
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(registry)
-    else:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_ProcessSeries())
+    registry = local_series_registry()
     registry.register(StoreCollector(resources))
     return registry
-
-
-class _ProcessSeries(Collector):
-    """The default registry's series (ours, plus Python's process and GC metrics)."""
-
-    def collect(self) -> Iterable[Any]:
-        return REGISTRY.collect()
 
 
 router = APIRouter(tags=["health"])

@@ -9,17 +9,14 @@ on a host of its own, or, under ``compactor serve``, through the gateway's
 from __future__ import annotations
 
 import logging
-import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import Counter, Histogram, start_http_server
 
 from compactor.jobs import Job
+from compactor.metrics import local_series_registry
 from compactor.store.base import JobStore
 
 log = logging.getLogger(__name__)
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Jobs run from seconds (tiny models) to hours (fine-tuning large ones).
 JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800)
@@ -62,9 +59,5 @@ def record_finished_job(store: JobStore, job_id: str) -> None:
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """This worker's /metrics on its own port (a thread; the worker host is scraped directly)."""
-    registry = None
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    start_http_server(port, addr=addr, **({"registry": registry} if registry is not None else {}))
+    start_http_server(port, addr=addr, registry=local_series_registry())
     log.info("worker metrics on http://%s:%d/metrics", addr, port)
