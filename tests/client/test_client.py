@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 import compactor.client as client_module
 from compactor.client import (
@@ -38,7 +37,7 @@ from compactor.client import (
 from compactor.jobs import JobError, JobStatus, Stage
 from compactor.settings import Settings
 from service.app import create_app
-from tests.service.conftest import ALICE, BOB, Files, files, make_settings  # noqa: F401  (fixtures)
+from tests.service.conftest import ALICE, BOB, Files, files, make_settings, uvicorn_in_thread  # noqa: F401  (fixtures)
 
 WORKER = "test-worker"
 METRICS: dict[str, Any] = {
@@ -108,19 +107,8 @@ class Server:
 def running_server(settings: Settings) -> Iterator[Server]:
     """A real uvicorn server for ``settings`` on a free loopback port, in a thread."""
     app = create_app(settings)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Server(f"http://127.0.0.1:{port}", app, settings)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(app) as base:
+        yield Server(base, app, settings)
 
 
 @pytest.fixture()

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import threading
+import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from torch import nn
 
 from compactor.settings import Settings
@@ -121,3 +126,22 @@ def stored_files(settings: Settings) -> list[Path]:
 
 def zip_names(data: bytes) -> list[str]:
     return zipfile.ZipFile(io.BytesIO(data)).namelist()
+
+
+@contextmanager
+def uvicorn_in_thread(app: object) -> Iterator[str]:
+    """``app`` served by a real uvicorn (lifespan on) on a free loopback port, in a thread; yields
+    its base URL and stops it afterwards."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -8,7 +8,6 @@ test, so the stream's timing is under the test's control.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +15,10 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
 from compactor.jobs import JobStatus, Stage
 from service.app import create_app
-from tests.service.conftest import ALICE, BOB, auth
+from tests.service.conftest import ALICE, BOB, auth, uvicorn_in_thread
 
 
 @dataclass
@@ -30,27 +28,11 @@ class Event:
     data: dict
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def live(make_settings) -> Iterator[tuple[httpx.Client, object]]:
     app = create_app(make_settings(events_poll_seconds=0.05))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+    with uvicorn_in_thread(app) as base, httpx.Client(base_url=base, timeout=10) as client:
         yield client, app
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def _events(lines: Iterator[str]) -> Iterator[Event]:

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import httpx
-import uvicorn
 
 from service.app import create_app
-from tests.service.conftest import ALICE, auth, broker_messages
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.service.conftest import ALICE, auth, broker_messages, uvicorn_in_thread
 
 
 def test_real_uvicorn_server(settings, files) -> None:
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with uvicorn_in_thread(app) as base:
+        with httpx.Client(base_url=base, timeout=30) as client:
             assert client.get("/healthz").status_code == 200
             assert client.get("/readyz").status_code == 200
             model = client.post("/v1/models", files={"file": ("m", files.torchscript)}, headers=auth(ALICE))
@@ -56,6 +38,3 @@ def test_real_uvicorn_server(settings, files) -> None:
             unauthorized = client.get("/v1/jobs")
             assert unauthorized.status_code == 401 and unauthorized.headers["content-type"] == "application/problem+json"
         assert len(broker_messages(settings)) == 1
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
