@@ -16,6 +16,7 @@ from starlette.requests import Request
 from compactor.compat import DatasetFacts, check_compatibility
 from compactor.dataset_info import dataset_info
 from compactor.formats import detect_dataset_format, detect_model_format
+from compactor.torchscript_code import check_torchscript_code
 from compactor.jobs import Job, JobStatus, Upload, new_id
 from compactor.queue import BrokerUnavailable, JobQueue
 from compactor.settings import Settings
@@ -94,6 +95,10 @@ def _describe(storage: LocalStorage, kind: UploadKind, upload_id: str, size: int
     path = storage.upload_path(upload_id)
     if kind == "model":
         fmt = detect_model_format(path)
+        if fmt == "torchscript":
+            # A program: an op off the allowlist is refused now (422 unsafe_model, naming it),
+            # not after the job has waited in the queue; the worker checks the graph again.
+            check_torchscript_code(path)
         return Upload(id=upload_id, tenant=tenant, kind="model", format=fmt, size_bytes=size, sha256=sha256), None
     dfmt = detect_dataset_format(path)
     info = dataset_info(path, dfmt)

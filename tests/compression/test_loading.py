@@ -225,6 +225,7 @@ def test_broken_torchscript_code_is_invalid_model(tmp_path: Path, tiny_cnn: Tiny
                 broke += 1
             zout.writestr(info.filename, data)
     assert broke >= 1
-    with pytest.raises(InvalidModel, match="TorchScript archive cannot be loaded") as caught:
+    # The code is read before torch ever sees it (the allowlist scan), so that is where it fails.
+    with pytest.raises(InvalidModel, match="archive's code cannot be read.*not valid Python syntax") as caught:
         load_model(broken, ModelSpec())
     assert caught.value.code == "invalid_model"

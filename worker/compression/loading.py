@@ -1,8 +1,10 @@
 """Loading uploaded models without ever running code from the upload.
 
-* TorchScript archives load with ``torch.jit.load`` on the CPU. TorchScript has
-  no safe mode and a crafted archive can crash the process, so the worker must
-  call :func:`load_model` inside a child process with memory and time limits.
+* TorchScript archives are programs. Their code text is scanned for ops off the
+  allowlist (``compactor.graph_ops``) before ``torch.jit.load`` (which runs a
+  module's ``__setstate__``), and every op of every method's graph is checked
+  after it, before anything is called. The worker calls :func:`load_model` only
+  inside a kernel-confined child process (``worker/sandbox.py``).
 * ``torch.save`` state_dicts load with ``torch.load(weights_only=True,
   mmap=True)`` only after :mod:`compactor.formats` has checked the archive and
   the pickle's globals; there is no fallback to unsafe loading on any error.
@@ -49,6 +51,8 @@ from compactor.formats import (
     single_top_level_prefix,
 )
 from compactor.spec import ModelSpec
+from compactor.torchscript_code import check_torchscript_code
+from worker.compression.graph_check import check_torchscript
 
 # Checkpoint dicts from training scripts often wrap the weights under one of these keys.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict")
@@ -157,6 +161,8 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
             f"the TorchScript archive holds {storage_bytes} bytes of tensors, more than a model of "
             f"{limits.max_parameters} parameters can need"
         )
+    # The archive's code is read (never run) first: loading runs a module's __setstate__.
+    check_torchscript_code(path)
     try:
         with warnings.catch_warnings():
             # torch 2.14 deprecates TorchScript in favour of torch.export; the API still accepts it.
@@ -164,6 +170,8 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure of a crafted archive is the upload's fault
         raise InvalidModel(f"the TorchScript archive cannot be loaded: {_first_line(exc)}") from exc
+    # Every op of every method, before any of them runs.
+    check_torchscript(module)
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     _check_parameter_budget(sum(tensor.numel() for tensor in tensors.values()), limits, "the TorchScript model")
