@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test faults bench bench-core bench-service clean
+.PHONY: install serve test faults sweep bench bench-core bench-service bench-confinement clean
 
 install: $(STAMP)
 
@@ -26,13 +26,21 @@ test: install
 faults: install
 	$(BIN)/python -m pytest -m faults tests/faults
 
-bench: bench-core bench-service
+# Every torchvision classifier, traced and scripted, through both op-allowlist checkers (~4 min).
+sweep: install
+	$(BIN)/python -m pytest -m sweep tests/compression/test_graph_check.py
+
+bench: bench-core bench-service bench-confinement sweep
 
 bench-core: install
 	$(BIN)/python -m bench.core
 
 bench-service: install
 	$(BIN)/python -m bench.service
+
+# What a job's child process costs, confined (TorchScript) or not (state-dict), against the core in-process.
+bench-confinement: install
+	$(BIN)/python -m bench.confinement
 
 clean:
 	rm -rf $(VENV) compactor-data .pytest_cache

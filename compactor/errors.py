@@ -8,6 +8,7 @@
     ├── InvalidDataset             invalid_dataset          422
     ├── InvalidSpec                invalid_spec             422
     │   └── UnsupportedCombination unsupported_combination  422
+    ├── ConfinementUnavailable     confinement_unavailable  503
     ├── Cancelled                  cancelled                 -
     ├── JobTimeout                 timeout                   -
     └── CompressionFailed          compression_failed        -
@@ -63,6 +64,13 @@ class InvalidSpec(CompactorError):
 
 class UnsupportedCombination(InvalidSpec):
     code = "unsupported_combination"
+
+
+class ConfinementUnavailable(CompactorError):
+    """This worker cannot confine uploaded code (worker/confinement.py), so it will not run it."""
+
+    code = "confinement_unavailable"
+    status = 503
 
 
 class Cancelled(CompactorError):

@@ -7,6 +7,7 @@ SQLite job store, artifact directory. Distributed: ``broker_url`` and
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -38,8 +39,18 @@ class Settings(BaseSettings):
     job_soft_time_limit: float = Field(default=6 * 3600.0, description="seconds before a job is stopped with 'timeout'")
     job_hard_time_limit: float = 6 * 3600.0 + 300.0
     queue_name: str = "compactor"
-    # An uploaded TorchScript archive is first opened in a limited child process (worker/sandbox.py).
+    # Every job runs in a child process (worker/sandbox.py); an uploaded TorchScript archive is a
+    # program, and its child must load it within this many seconds.
     torchscript_probe_seconds: float = Field(default=120.0, gt=0)
+    # Uploaded TorchScript runs only in a kernel-confined child (worker/confinement.py). A worker
+    # whose kernel cannot confine refuses such jobs with `confinement_unavailable`, unless the
+    # operator sets this — only for hosts that run nobody else's models (e.g. a laptop, a CI box).
+    allow_unconfined_torchscript: bool = False
+    # Address space a job's child may map beyond the core it inherits (CPU jobs; CUDA maps huge
+    # virtual ranges and is not limited this way). None: three quarters of the machine's memory.
+    job_memory_bytes: int | None = Field(default=None, gt=0)
+    # Largest file a job may write (its artifacts); None: twice max_upload_bytes, at least 1 GiB.
+    job_file_bytes: int | None = Field(default=None, gt=0)
     # Torch threads per worker process; None = torch's default (all cores). `compactor serve`
     # leaves one core to the gateway so status polls stay fast while a job trains.
     torch_threads: int | None = Field(default=None, ge=1)
@@ -87,6 +98,19 @@ class Settings(BaseSettings):
 
         inline_secrets(value)
         return value
+
+    @property
+    def effective_job_memory_bytes(self) -> int:
+        if self.job_memory_bytes is not None:
+            return self.job_memory_bytes
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
+        except (ValueError, OSError, AttributeError):
+            return 16 * 1024**3
+
+    @property
+    def effective_job_file_bytes(self) -> int:
+        return self.job_file_bytes or max(2 * self.max_upload_bytes, 1024**3)
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -1,6 +1,11 @@
 """Runs one attempt of one job: the service function behind the Celery task.
 
-    claim (lease) → heartbeat thread → compress_files into a temp dir → put artifacts → finish
+    claim (lease) → heartbeat thread → compress_files in a child process (worker/sandbox.py),
+    into a temp dir → put artifacts → finish
+
+The worker itself never loads or calls an uploaded model: the child does, confined by the
+kernel when the upload is a TorchScript program, and a cancel, a time limit or a shutdown
+kills the child whatever it is doing.
 
 The store is the source of truth, so this function is safe to call for any
 delivery of any message: a job that is missing, finished, cancelled, or leased
@@ -22,6 +27,7 @@ only, so importing this module (the Celery parent, the CLI) never loads torch.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from compactor.errors import Cancelled, CompactorError
+from compactor.errors import Cancelled, CompactorError, ConfinementUnavailable
 from compactor.jobs import Artifact, Job, JobError, JobStatus
 from compactor.logs import job_context
 from compactor.settings import Settings
@@ -40,6 +46,7 @@ from compactor.spec import JobSpec, parse_spec
 from compactor.store.base import JobStore
 from worker.lease import LeaseKeeper, StopReason
 from worker.metrics import record_finished_job
+from worker.sandbox import ChildJob, ChildLimits
 
 if TYPE_CHECKING:
     from compactor.storage import LocalStorage
@@ -94,32 +101,76 @@ def _logged_progress(lease: LeaseKeeper) -> Callable[[str, float], None]:
     return progress
 
 
+def _uses_gpu(spec: JobSpec) -> bool:
+    # Decided without touching CUDA here (the worker forks; only its children may initialise CUDA).
+    if spec.device == "cpu" or os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return Path("/dev/nvidiactl").exists()
+
+
+def _child_job(
+    model_path: Path, spec: JobSpec, out_dir: Path, dataset_path: Path | None, settings: Settings, *, confined: bool
+) -> ChildJob:
+    gpu = _uses_gpu(spec)
+    cores = os.cpu_count() or 1
+    return ChildJob(
+        model_path=model_path,
+        dataset_path=dataset_path,
+        out_dir=out_dir,
+        spec=spec.model_dump(mode="json"),
+        confined=confined,
+        limits=ChildLimits(
+            address_space_bytes=None if gpu else settings.effective_job_memory_bytes,
+            # A backstop beside the wall-clock limits the lease enforces: CPU seconds of all threads.
+            cpu_seconds=int(settings.job_hard_time_limit * cores) + 60,
+            file_bytes=settings.effective_job_file_bytes,
+            load_seconds=settings.torchscript_probe_seconds,
+        ),
+        threads=settings.torch_threads,
+        gpu=gpu,
+    )
+
+
 def _run_core(
     model_path: Path,
     spec: JobSpec,
     out_dir: Path,
     dataset_path: Path | None,
     lease: LeaseKeeper,
-    probe_seconds: float,
+    settings: Settings,
 ) -> Any:
-    # Lazy: loads torch and the core only in the process that runs jobs.
     from compactor.formats import detect_model_format
-    from worker.compression.pipeline import compress_files
-    from worker.sandbox import probe_torchscript
+    from compactor.torchscript_code import check_torchscript_code
+    from worker.sandbox import confinement_status, run_in_child
 
     progress = _logged_progress(lease)
+    progress("load", 0.0)
+    confined = False
+    unconfined_warning: str | None = None
     if detect_model_format(model_path) == "torchscript":
-        # A crafted archive can crash the loader: a throwaway child opens it first.
-        progress("load", 0.0)
-        probe_torchscript(model_path, timeout_seconds=probe_seconds)
-    return compress_files(
-        model_path,
-        spec,
-        out_dir,
-        dataset_path=dataset_path,
-        progress=progress,
-        should_cancel=lease.should_cancel,
-    )
+        # A program: its ops are checked before anything runs, and it runs only confined.
+        check_torchscript_code(model_path)
+        status = confinement_status(settings.resolved_data_dir)
+        if status.available:
+            confined = True
+        elif settings.allow_unconfined_torchscript:
+            unconfined_warning = (
+                f"this worker ran the uploaded TorchScript program without kernel confinement ({status.reason}); "
+                "COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT is set"
+            )
+            log.warning("job %s: %s", lease.job_id, unconfined_warning)
+        else:
+            raise ConfinementUnavailable(
+                f"this worker cannot confine uploaded TorchScript programs ({status.reason}), so it does not run them; "
+                "upload a state_dict or safetensors file with spec.model.arch, or ask the operator to enable Landlock "
+                "(or, on a host that runs only trusted models, to set COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT=1)"
+            )
+    job = _child_job(model_path, spec, out_dir, dataset_path, settings, confined=confined)
+    result = run_in_child(job, progress=progress, should_stop=lease.should_cancel)
+    log.info("job %s: child started in %.3f s (%s)", lease.job_id, result.seconds_to_start, "confined" if confined else "limits only")
+    if unconfined_warning is not None:
+        result.metrics.setdefault("warnings", []).append(unconfined_warning)
+    return result
 
 
 def _finish(
@@ -184,7 +235,7 @@ def execute_job(
     lease.start()
     try:
         with job_context.job(job_id, job.tenant):
-            outcome = _attempt(job, store, storage, owner, lease, settings.torchscript_probe_seconds)
+            outcome = _attempt(job, store, storage, owner, lease, settings)
     finally:
         lease.stop()  # idempotent; _attempt stops it earlier on the paths that write
     if outcome is Outcome.finished:
@@ -199,12 +250,10 @@ def _make_work_dir(storage: LocalStorage, job_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=ATTEMPT_DIR_PREFIX, dir=job_dir))
 
 
-def _attempt(
-    job: Job, store: JobStore, storage: LocalStorage, owner: str, lease: LeaseKeeper, probe_seconds: float
-) -> Outcome:
+def _attempt(job: Job, store: JobStore, storage: LocalStorage, owner: str, lease: LeaseKeeper, settings: Settings) -> Outcome:
     work_dirs: list[Path] = []
     try:
-        return _run_attempt(job, store, storage, owner, lease, work_dirs, probe_seconds)
+        return _run_attempt(job, store, storage, owner, lease, work_dirs, settings)
     finally:
         # Whatever happened, the attempt's scratch space goes: artifacts were copied out already.
         for work_dir in work_dirs:
@@ -218,7 +267,7 @@ def _run_attempt(
     owner: str,
     lease: LeaseKeeper,
     work_dirs: list[Path],
-    probe_seconds: float,
+    settings: Settings,
 ) -> Outcome:
     job_id = job.id
     error: JobError | None = None
@@ -227,7 +276,7 @@ def _run_attempt(
         work_dirs.append(_make_work_dir(storage, job_id))
         spec = parse_spec(job.spec)
         model_path, dataset_path = _resolve_inputs(job, storage)
-        result = _run_core(model_path, spec, work_dirs[0], dataset_path, lease, probe_seconds)
+        result = _run_core(model_path, spec, work_dirs[0], dataset_path, lease, settings)
     except Cancelled:
         reason = lease.reason
         if reason is StopReason.timeout:

@@ -1,121 +1,494 @@
-"""Open an untrusted TorchScript archive in a throwaway child process first.
+"""Every job's compute runs in a child process the worker can kill; uploaded code only confined.
 
-TorchScript has no safe loading mode, and a crafted archive can crash the
-loader (a segfault takes the whole worker with it) or exhaust memory. Before
-the worker loads an upload itself, a child process with an address-space limit,
-no core dumps and a time limit loads it; if the child dies, runs out of memory
-or time, or raises, the job fails with ``invalid_model`` and the worker lives on
-to take the next job.
+The worker (the parent) never loads or calls an uploaded model. For each attempt
+it forks a child from a fork server that has torch and the compression core
+imported already (a fork, not a new interpreter: ~3.5 s of imports saved), and
+the child runs ``compress_files`` on the job's files:
 
-Children are forked from a fork server that imported torch once (multiprocessing
-"forkserver" with torch preloaded), so a probe costs a fork, not a new
-interpreter importing torch (~3.5 s on two cores). The fork server never touches
-CUDA and neither do the children (``map_location="cpu"``).
+* **Every job** gets a killable child with resource limits (address space, CPU
+  seconds, file size, no core dumps). Cancellation, the soft and hard time
+  limits and a worker shutdown take effect at once, whatever the child is doing
+  (a stuck library call, a model whose forward never returns): the parent
+  kills it. A crash, an out-of-memory error or a hang of the child fails the job
+  and the worker takes the next one.
+* **A TorchScript upload is a program**: its child is also confined by the
+  kernel before it opens the archive (``worker/confinement.py``: Landlock,
+  a network namespace, seccomp, no capabilities). State-dict and safetensors
+  uploads are data and skip that.
+
+Parent and child talk over a pipe in JSON only (``send_bytes``/``recv_bytes``,
+bounded in size; never ``Connection.recv``, which unpickles): progress, then
+one result or error. Artifacts come back as files in the attempt's scratch
+directory; the parent adopts only regular, singly-linked files by name, after
+the child has exited, so nothing the child does afterwards can swap them.
+
+The fork server is started with an environment scrubbed of the worker's
+secrets (API keys, store URLs, webhook secrets), so no child ever holds them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
-import resource
+import os
 import signal
+import stat
+import tempfile
 import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-from compactor.errors import InvalidModel
+from compactor import errors
+from compactor.errors import Cancelled, CompactorError, InvalidModel
 
-# Room for the archive's tensors and their copies while loading, above what the child
-# already maps (torch itself, inherited from the fork server).
-LOAD_HEADROOM_BYTES = 1024**3
+log = logging.getLogger(__name__)
+
+# A progress or result message larger than this is the child misbehaving.
+MAX_MESSAGE_BYTES = 32 * 1024**2
+# Artifacts a job may hand back; anything else in the scratch directory is ignored.
+ARTIFACT_NAMES = frozenset({"model.ts", "model.pt", "model.pt2", "model.onnx", "model.int8.onnx", "report.json"})
+POLL_SECONDS = 0.1
+# Progress messages per second the child sends at most (stage changes always go through).
+PROGRESS_RATE = 10.0
 
 _context_lock = threading.Lock()
 _context: multiprocessing.context.ForkServerContext | None = None
+_FORK_SERVER_PRELOAD = ["worker.sandbox_server", "torch", "worker.sandbox", "worker.compression.pipeline"]
+
+
+@contextmanager
+def _scrubbed_environ() -> Iterator[None]:
+    from worker.confinement import scrubbed_environment
+
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(scrubbed_environment(saved))
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
     global _context
     with _context_lock:
         if _context is None:
+            import multiprocessing.forkserver
+
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["worker.sandbox_server", "torch"])
+            context.set_forkserver_preload(_FORK_SERVER_PRELOAD)
+            # The server inherits the environment it starts with; every job child inherits the server's.
+            with _scrubbed_environ():
+                multiprocessing.forkserver.ensure_running()
             _context = context
         return _context
 
 
 def start_fork_server() -> None:
-    """Start the fork server now, at worker start-up, instead of at the first TorchScript job.
-
-    It imports torch (~1.5-3 s) in its own process while the worker loads the core, so the
-    first job's probe is a fork like every later one (that job used to wait for the import)."""
-    import multiprocessing.forkserver
-
+    """Start the fork server at worker start-up instead of at the first job (it imports torch
+    and the core, ~3-5 s, in its own process while the worker starts)."""
     _forkserver()
-    multiprocessing.forkserver.ensure_running()
 
 
-def _mapped_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+# ----------------------------------------------------------------------------- the request
 
 
-def _load_in_child(path: str, extra_bytes: int, results: Connection) -> None:
-    # Soft limit only: the child lifts it again to report a failure (sending needs memory too).
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (_mapped_bytes() + extra_bytes, hard))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+@dataclass(frozen=True)
+class ChildLimits:
+    # Beyond what the child inherits from the fork server; None: unlimited (CUDA maps huge ranges).
+    address_space_bytes: int | None
+    cpu_seconds: int | None
+    file_bytes: int | None
+    # An uploaded archive must be loaded within this time (a crafted one can hang the loader).
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    model_path: Path
+    dataset_path: Path | None
+    out_dir: Path
+    spec: dict[str, Any]
+    confined: bool
+    limits: ChildLimits
+    threads: int | None = None
+    gpu: bool = False
+
+    def request(self) -> bytes:
+        body = asdict(self)
+        body.update(model_path=str(self.model_path), out_dir=str(self.out_dir), dataset_path=str(self.dataset_path) if self.dataset_path else None)
+        return json.dumps(body).encode()
+
+
+@dataclass
+class ChildResult:
+    metrics: dict[str, Any]
+    artifacts: dict[str, Path]
+    seconds_to_start: float
+
+
+class ChildFailed(CompactorError):
+    """The child died without saying why (a crash, a resource limit, a kill)."""
+
+    code = "internal_error"
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+def _child_main(conn: Connection, request: bytes) -> None:
+    body = json.loads(request)
     try:
-        import torch
-
-        torch.jit.load(path, map_location="cpu")
-    except BaseException as exc:  # noqa: BLE001 - everything is reported, nothing escapes
-        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        text = str(exc).strip()
-        results.send(f"{type(exc).__name__}: {text.splitlines()[-1][:300] if text else ''}")
+        _run_child(conn, body)
+    except BaseException as exc:  # noqa: BLE001 - every ending is reported to the parent as data
+        _send(conn, {"error": _error_document(exc)})
         raise SystemExit(1) from None
-    results.send("loaded")
+    finally:
+        conn.close()
 
 
-def address_space_for(path: Path) -> int:
-    """Extra address space a child may map to load ``path``."""
-    return LOAD_HEADROOM_BYTES + 4 * path.stat().st_size
+def _send(conn: Connection, message: dict[str, Any]) -> None:
+    try:
+        conn.send_bytes(json.dumps(message, default=str).encode())
+    except (OSError, ValueError):
+        pass  # the parent went away or the message is too large; the exit code speaks
 
 
-def probe_torchscript(path: Path, *, timeout_seconds: float, address_space_bytes: int | None = None) -> None:
-    """Raise InvalidModel unless a limited child process can load ``path`` with torch.jit.load.
+def _error_document(exc: BaseException) -> dict[str, Any]:
+    from pydantic import ValidationError
 
-    ``address_space_bytes`` is what the child may map beyond what it inherits.
-    """
-    extra = address_space_bytes if address_space_bytes is not None else address_space_for(path)
+    from worker.confinement import ConfinementError
+
+    if isinstance(exc, CompactorError):
+        return exc.to_dict()
+    if isinstance(exc, ConfinementError):
+        return {"code": "confinement_unavailable", "message": f"the job's process could not be confined: {exc}"}
+    if isinstance(exc, ValidationError):
+        return {"code": "invalid_spec", "message": f"the stored spec is not valid: {exc.error_count()} error(s)"}
+    if _is_memory_error(exc):
+        lines = [line for line in str(exc).splitlines() if "allocate" in line] or ["MemoryError"]
+        return {"code": "memory_exhausted", "message": lines[-1].strip()[:300]}
+    traceback.print_exc()
+    return {"code": "internal_error", "message": f"an internal error stopped the job ({type(exc).__name__})"}
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    from worker.compression.pipeline import is_memory_exhaustion
+
+    return is_memory_exhaustion(exc)
+
+
+def _run_child(conn: Connection, body: dict[str, Any]) -> None:
+    from worker.confinement import Policy, apply_limits, confine
+
+    limits = body["limits"]
+    out_dir = Path(body["out_dir"])
+    inputs = tuple(Path(p) for p in (body["model_path"], body["dataset_path"]) if p)
+    policy = Policy(
+        scratch=out_dir,
+        inputs=inputs,
+        address_space_bytes=limits["address_space_bytes"],
+        cpu_seconds=limits["cpu_seconds"],
+        file_bytes=limits["file_bytes"],
+        gpu=bool(body["gpu"]),
+    )
+    if body["confined"]:
+        confine(policy)  # before a single byte of the upload is read
+    else:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the fork server
+        apply_limits(policy)
+    _send(conn, {"started": True})
+
+    import torch
+
+    from compactor.spec import parse_spec
+    from worker.compression.pipeline import compress_files
+
+    if body["threads"]:
+        torch.set_num_threads(int(body["threads"]))
+    spec = parse_spec(body["spec"])
+    last = {"stage": "", "at": 0.0}
+
+    def progress(stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage != last["stage"] or now - last["at"] >= 1.0 / PROGRESS_RATE:
+            last.update(stage=stage, at=now)
+            _send(conn, {"progress": [stage, fraction]})
+
+    result = compress_files(
+        Path(body["model_path"]),
+        spec,
+        out_dir,
+        dataset_path=Path(body["dataset_path"]) if body["dataset_path"] else None,
+        progress=progress,
+    )
+    _send(conn, {"result": {"metrics": result.metrics, "artifacts": sorted(Path(p).name for p in result.artifacts.values())}})
+
+
+# ----------------------------------------------------------------------------- the parent
+
+_ERRORS_BY_CODE: dict[str, type[CompactorError]] = {
+    cls.code: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, CompactorError) and cls is not CompactorError
+}
+
+
+def _error_from(document: dict[str, Any], memory_hint: str) -> CompactorError:
+    code = str(document.get("code", "internal_error"))
+    message = str(document.get("message", ""))[:2000]
+    field = document.get("field")
+    if code == "memory_exhausted":
+        return InvalidModel(f"the job ran out of memory ({message}); {memory_hint}")
+    cls = _ERRORS_BY_CODE.get(code)
+    if cls is None:
+        error = CompactorError(message, field=field if isinstance(field, str) else None)
+        error.code = code if code in ("internal_error", "confinement_unavailable") else "internal_error"
+        return error
+    return cls(message, field=field if isinstance(field, str) else None)
+
+
+def _adopt_artifacts(out_dir: Path, names: object) -> dict[str, Path]:
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ChildFailed("the job's process returned a malformed artifact list")
+    adopted: dict[str, Path] = {}
+    for name in names:
+        if name not in ARTIFACT_NAMES:
+            raise ChildFailed(f"the job's process returned an unexpected artifact {name[:80]!r}")
+        path = out_dir / name
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            raise ChildFailed(f"the job's process did not write {name}") from None
+        # A symlink or a hard link could point the download at a file of the worker's.
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise ChildFailed(f"the artifact {name} is not a plain file")
+        adopted[name] = path
+    return adopted
+
+
+def _exit_description(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "did not exit"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], should_stop: Callable[[], bool]) -> ChildResult:
+    """Run ``compress_files`` for ``job`` in a child; raise what the child raised, as the parent's own.
+
+    Raises Cancelled (after killing the child) as soon as ``should_stop()`` is true; the caller
+    knows why (cancel, time limit, shutdown, lost lease)."""
+    started = time.perf_counter()
     context = _forkserver()
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_load_in_child, args=(str(path), extra, send), daemon=True)
+    child = context.Process(target=_child_main, args=(send, job.request()), daemon=True, name="compactor-job")
     child.start()
     send.close()
-    child.join(timeout_seconds)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        raise InvalidModel(
-            f"loading the TorchScript archive took longer than {timeout_seconds:.0f} s and was stopped; "
-            "re-export it with torch.jit.save, or upload a state_dict with spec.model.arch"
-        )
+    final: dict[str, Any] | None = None
+    seconds_to_start = 0.0
+    stage = "load"
+    load_deadline = time.monotonic() + job.limits.load_seconds
     try:
-        message = receive.recv() if receive.poll() else ""
-    except (EOFError, OSError):  # the child died before it could say why
-        message = ""
-    receive.close()
-    if child.exitcode == 0 and message == "loaded":
-        return
-    if child.exitcode is not None and child.exitcode < 0:
-        reason = f"the loader crashed ({signal.Signals(-child.exitcode).name})"
-    elif "MemoryError" in message or "bad_alloc" in message:
-        reason = f"loading it needs more than {extra / 2**30:.1f} GiB of memory"
-    else:
-        reason = f"torch.jit.load failed: {message or 'no message'}"
-    raise InvalidModel(
-        f"the TorchScript archive cannot be loaded safely: {reason}. "
-        "Re-export it with torch.jit.save, or upload a state_dict with spec.model.arch"
+        while final is None:
+            if receive.poll(POLL_SECONDS):
+                try:
+                    data = receive.recv_bytes(MAX_MESSAGE_BYTES)
+                except EOFError:
+                    break
+                except OSError:
+                    raise ChildFailed("the job's process sent a message larger than the limit") from None
+                message = json.loads(data)
+                if not isinstance(message, dict):
+                    raise ChildFailed("the job's process sent a malformed message")
+                if "started" in message:
+                    seconds_to_start = time.perf_counter() - started
+                elif "progress" in message:
+                    name, fraction = message["progress"]
+                    stage = str(name)
+                    progress(stage, float(fraction))
+                elif "result" in message or "error" in message:
+                    final = message
+            elif not child.is_alive():
+                # Drain what it said before exiting.
+                if not receive.poll(0):
+                    break
+            if should_stop():
+                raise Cancelled("the job was stopped")
+            if stage == "load" and time.monotonic() > load_deadline and final is None:
+                raise InvalidModel(
+                    f"loading the model took longer than {job.limits.load_seconds:.0f} s and was stopped; "
+                    "re-export it, or upload a state_dict with spec.model.arch"
+                )
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        receive.close()
+    exitcode = child.exitcode
+    child.close()
+
+    memory_hint = (
+        f"the job may use {job.limits.address_space_bytes / 2**30:.1f} GiB (COMPACTOR_JOB_MEMORY_BYTES)"
+        if job.limits.address_space_bytes
+        else "the worker has no memory left"
     )
+    if final is None:
+        raise _silent_death(exitcode, job, memory_hint)
+    if "error" in final:
+        raise _error_from(final["error"], memory_hint)
+    result = final["result"]
+    return ChildResult(
+        metrics=result["metrics"], artifacts=_adopt_artifacts(job.out_dir, result["artifacts"]), seconds_to_start=seconds_to_start
+    )
+
+
+def _silent_death(exitcode: int | None, job: ChildJob, memory_hint: str) -> CompactorError:
+    how = _exit_description(exitcode)
+    if exitcode == -signal.SIGXCPU:
+        return errors.JobTimeout(f"the job used more CPU time than its limit ({job.limits.cpu_seconds} s) and was stopped")
+    if exitcode == -signal.SIGXFSZ:
+        return InvalidModel(f"the job tried to write a file larger than {job.limits.file_bytes} bytes and was stopped")
+    if exitcode == -signal.SIGKILL:
+        return InvalidModel(f"the job's process was killed (SIGKILL): most often the kernel ran out of memory; {memory_hint}")
+    if job.confined:
+        return InvalidModel(f"the uploaded TorchScript program crashed the job's process (it {how}); the job was stopped")
+    return ChildFailed(f"the job's process {how} without a result")
+
+
+# ----------------------------------------------------------------------------- confinement self-test
+
+
+@dataclass(frozen=True)
+class ConfinementStatus:
+    available: bool
+    reason: str
+
+
+_status_lock = threading.Lock()
+_status: ConfinementStatus | None = None
+
+
+def _self_test_child(conn: Connection, request: bytes) -> None:
+    body = json.loads(request)
+    failures: list[str] = []
+    try:
+        from worker.confinement import Policy, confine
+
+        scratch = Path(body["scratch"])
+        confine(Policy(scratch=scratch, inputs=(Path(body["input"]),), address_space_bytes=2 * 1024**3, cpu_seconds=60, file_bytes=1024**2))
+        checks: list[tuple[str, Callable[[], object], bool]] = [
+            ("read a file outside", lambda: Path(body["canary"]).read_bytes(), False),
+            ("write a file outside", lambda: Path(body["canary"]).write_bytes(b"x"), False),
+            ("create a file outside", lambda: Path(body["canary"]).with_name("created").write_bytes(b"x"), False),
+            ("open a socket", lambda: __import__("socket").socket(), False),
+            ("start a program", lambda: os.execv("/bin/true", ["/bin/true"]), False),
+            ("fork", lambda: os.fork(), False),
+            ("read its input", lambda: Path(body["input"]).read_bytes(), True),
+            ("write its scratch directory", lambda: (scratch / "written").write_bytes(b"x"), True),
+            ("run torch on threads", lambda: _torch_works(), True),
+        ]
+        for what, action, allowed in checks:
+            try:
+                action()
+                worked = True
+            except Exception:  # noqa: BLE001 - a refusal is what most checks want
+                worked = False
+            if worked != allowed:
+                failures.append(f"could {'not ' if allowed else ''}{what}")
+    except BaseException as exc:  # noqa: BLE001
+        failures.append(f"{type(exc).__name__}: {exc}")
+    _send(conn, {"failures": failures})
+    conn.close()
+
+
+def _torch_works() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    value = (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
+    if value != 256.0**3:
+        raise RuntimeError("wrong result")
+
+
+def confinement_status(data_dir: Path, *, refresh: bool = False) -> ConfinementStatus:
+    """Whether confinement holds on this kernel (tested once per worker process, ~0.1 s)."""
+    global _status
+    with _status_lock:
+        if _status is None or refresh:
+            _status = _run_self_test(data_dir)
+            if _status.available:
+                log.info("job confinement available (Landlock, network namespace, seccomp, no capabilities)")
+            else:
+                log.warning("job confinement unavailable: %s", _status.reason)
+        return _status
+
+
+def _run_self_test(data_dir: Path) -> ConfinementStatus:
+    from worker.confinement import ConfinementError, check_data_dir_outside, landlock_abi
+
+    try:
+        check_data_dir_outside(data_dir)
+    except ConfinementError as exc:
+        return ConfinementStatus(False, str(exc))
+    if landlock_abi() < 1:
+        return ConfinementStatus(False, "Landlock is not available in this kernel (Linux ≥ 5.13 with Landlock in the 'lsm=' list)")
+    with tempfile.TemporaryDirectory(prefix="compactor-confinement-") as root:
+        base = Path(root)
+        (base / "scratch").mkdir()
+        (base / "outside").mkdir()
+        canary = base / "outside" / "canary"
+        canary.write_bytes(b"canary")
+        source = base / "input"
+        source.write_bytes(b"input")
+        request = json.dumps({"scratch": str(base / "scratch"), "input": str(source), "canary": str(canary)}).encode()
+        context = _forkserver()
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_self_test_child, args=(send, request), daemon=True, name="compactor-confinement-test")
+        child.start()
+        send.close()
+        try:
+            if not receive.poll(60):
+                return ConfinementStatus(False, "the confinement self-test did not answer within 60 s")
+            answer = json.loads(receive.recv_bytes(MAX_MESSAGE_BYTES))
+        except (EOFError, OSError, ValueError):
+            return ConfinementStatus(False, f"the confinement self-test {_exit_description(child.exitcode)} without an answer")
+        finally:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            receive.close()
+        failures = answer.get("failures", ["no answer"])
+        if canary.read_bytes() != b"canary" or (base / "outside" / "created").exists():
+            failures.append("a file outside the scratch directory changed")
+        if failures:
+            return ConfinementStatus(False, "; ".join(str(failure) for failure in failures))
+    return ConfinementStatus(True, "")
+
+
+__all__ = [
+    "ARTIFACT_NAMES",
+    "ChildJob",
+    "ChildLimits",
+    "ChildResult",
+    "ConfinementStatus",
+    "confinement_status",
+    "run_in_child",
+    "start_fork_server",
+]

@@ -169,23 +169,35 @@ class Cluster:
         self._watch(supervise)
 
     @contextmanager
-    def memory_limit(self, limit_bytes: int) -> Iterator[None]:
-        """While inside: SIGKILL any worker whose resident memory passes ``limit_bytes``, which is
-        what the kernel's OOM killer does to a container over its memory limit (``docker run
-        --memory``, a Kubernetes pod's ``limits.memory``). Emulated because a test cannot portably
-        create a cgroup; the kill is the same signal a real limit sends."""
+    def memory_limit(self, limit_bytes: int) -> Iterator[list[tuple[datetime, int]]]:
+        """While inside: when a worker's process tree (the worker, its fork server and the job's
+        child) holds more than ``limit_bytes`` resident, SIGKILL its largest process — what the
+        kernel's OOM killer does to a container over its memory limit (``docker run --memory``, a
+        Kubernetes pod's ``limits.memory``). Emulated because a test cannot portably create a
+        cgroup; the kill is the same signal a real limit sends. Yields the kills (moment, pid)."""
         lifted = threading.Event()
+        kills: list[tuple[datetime, int]] = []
 
         def enforce() -> None:
             while not lifted.wait(0.02) and not self._stop_watching.is_set():
                 for worker in self.live_workers():
-                    if resident_bytes(worker.pid) > limit_bytes:
-                        self.kill(worker, f"memory limit {limit_bytes // 2**20} MiB")
+                    tree = process_tree(worker.pid)
+                    sizes = {pid: resident_bytes(pid) for pid in tree}
+                    if sum(sizes.values()) > limit_bytes:
+                        largest = max(sizes, key=lambda pid: sizes[pid])
+                        if largest == worker.pid:
+                            kills.append((self.kill(worker, f"memory limit {limit_bytes // 2**20} MiB"), largest))
+                        else:
+                            try:
+                                os.kill(largest, signal.SIGKILL)
+                                kills.append((datetime.now(), largest))
+                            except ProcessLookupError:
+                                pass
 
         thread = threading.Thread(target=enforce, daemon=True)
         thread.start()
         try:
-            yield
+            yield kills
         finally:
             lifted.set()
             thread.join(5)
@@ -292,6 +304,22 @@ def flush_databases(urls: Iterable[str]) -> None:
             client.flushdb()
         finally:
             client.close()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    from tests.worker.support import children_of
+
+    tree, frontier = [pid], [pid]
+    while frontier:
+        children = children_of(frontier.pop())
+        tree += children
+        frontier += children
+    return tree
+
+
+def tree_resident_bytes(pid: int) -> int:
+    return sum(resident_bytes(member) for member in process_tree(pid))
 
 
 def resident_bytes(pid: int) -> int:

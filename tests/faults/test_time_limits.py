@@ -2,8 +2,11 @@
 
 ``tests/worker/test_runner.py`` covers the soft limit inside one process; here a worker
 configured the way an operator would (COMPACTOR_JOB_SOFT_TIME_LIMIT / _HARD_TIME_LIMIT)
-meets a job that stops itself at the soft limit and one stuck where it cannot check,
-which only the hard limit ends — by failing the job and replacing the worker process.
+meets a job that fine-tunes past the soft limit and one stuck inside a single native call
+(a forward pass that runs for a minute). Every job runs in a child process the worker kills
+(worker/sandbox.py), so both end at the soft limit with ``timeout`` and both workers live on:
+the hard limit, which used to end a stuck job by replacing the whole worker process, is now
+only a backstop.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.redis]
 # Above the ~3 s of a fresh worker's first job (its sandbox fork server starts), so that only
 # the jobs meant to run over it do.
 SOFT_LIMIT_SECONDS = 6.0
-# A stuck job is failed 5 s (worker/runner.py HARD_LIMIT_MARGIN_SECONDS) before the hard limit,
-# here at 9 s: the fine-tuning job has 3 s to stop the gentle way first.
 HARD_LIMIT_SECONDS = 14.0
-EXIT_HARD_TIMEOUT = 70  # worker/tasks.py
+# What a kill of the job's child may add to the soft limit (polls, the store write).
+KILL_SLACK_SECONDS = 5.0
 
 
 class EndlessRefinement(nn.Module):
@@ -61,9 +63,9 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_no_artifacts(
         }
     )
     cluster.start_workers(2)
-    # Past the soft limit between two batches of fine-tuning: the core stops itself.
+    # Past the soft limit between two batches of fine-tuning.
     over_soft = cluster.submit(inputs["model"], finetune_spec(epochs=1000), inputs["dataset"])
-    # Past the hard limit inside one forward: the worker records the timeout and exits.
+    # Past the soft limit inside one forward that would run for a minute.
     over_hard = cluster.submit(endless, {"model": {"input_shape": [1, 1, 8, 8]}})
     quick = [cluster.submit(inputs["model"], QUICK_SPEC) for _ in range(2)]
     everything = [over_soft.id, over_hard.id] + [job.id for job in quick]
@@ -80,7 +82,7 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_no_artifacts(
             "soft and hard time limits",
             len(everything), count_status(jobs, JobStatus.succeeded), len(timed_out), count_lost(jobs),
             count_duplicated(ledger, jobs), None,
-            f"soft {SOFT_LIMIT_SECONDS:g} s: the job stops itself; hard: the worker fails it and exits {EXIT_HARD_TIMEOUT}",
+            f"soft {SOFT_LIMIT_SECONDS:g} s: the job's child is killed, also inside a minute-long forward; workers live on",
         )
     )
     assert timed_out == [over_soft.id, over_hard.id], describe(ledger, jobs)
@@ -89,12 +91,14 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_no_artifacts(
         assert job is not None and job.attempts == 1 and job.artifacts == [] and job.metrics is None
         leftovers = [path for path in cluster.storage.job_dir(job_id).rglob("*") if path.is_file()]
         assert leftovers == [], f"a timed-out job left files: {leftovers}"
-    # The worker stuck in the endless forward exits (its supervisor starts a fresh one); the one
-    # whose job stopped at the soft limit lives on.
-    (hard_attempt,) = ledger.attempts[over_hard.id]
-    (stuck,) = [worker for worker in cluster.workers if worker.pid == hard_attempt.pid]
-    assert stuck.proc.process.wait(timeout=30) == EXIT_HARD_TIMEOUT
-    assert [worker.name for worker in cluster.live_workers()] == [w.name for w in cluster.workers if w is not stuck]
+    # Both ended at the soft limit, the stuck one too (its child was killed mid-forward), and
+    # no worker process had to go.
+    for job_id in timed_out:
+        job = jobs[job_id]
+        assert job is not None and job.started_at is not None and job.finished_at is not None
+        ran = (job.finished_at - job.started_at).total_seconds()
+        assert ran < SOFT_LIMIT_SECONDS + KILL_SLACK_SECONDS, f"{job_id} ran {ran:.1f} s"
+    assert [worker.name for worker in cluster.live_workers()] == [w.name for w in cluster.workers]
     for job in quick:
         done = jobs[job.id]
         assert done is not None and done.status is JobStatus.succeeded and done.attempts == 1, describe(ledger, jobs)

@@ -1,22 +1,36 @@
-"""Untrusted TorchScript is opened in a limited child process before the worker loads it."""
+"""Every job runs in a child the worker can kill; uploaded TorchScript runs only confined.
+
+Real files, a real SQLite store, the real runner and the real fork server; the
+hostile models are real TorchScript programs (tests/worker/hostile_models.py).
+"""
 
 from __future__ import annotations
 
-import zipfile
+import json
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
+import torch
 
-from compactor.errors import InvalidModel
 from compactor.jobs import JobStatus
 from compactor.settings import Settings
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from compactor.store.base import JobStore
-from tests.worker.support import QUICK_SPEC, create_job, write_torchscript_model
+from tests.worker import hostile_models
+from tests.worker.support import QUICK_SPEC, children_of, create_job, wait_for, write_torchscript_model
+from worker import sandbox
+from worker.confinement import Policy, confine, scrubbed_environment
 from worker.runner import Outcome, execute_job
-from worker.sandbox import probe_torchscript
+
+SECRET = b"canary-7f3a9c2e-not-for-tenants\n"
 
 
 @pytest.fixture(scope="module")
@@ -24,62 +38,235 @@ def good_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_torchscript_model(tmp_path_factory.mktemp("sandbox") / "tiny.ts")
 
 
-def corrupt_constants(source: Path, destination: Path) -> Path:
-    """The archive with its constants.pkl replaced by bytes the unpickler chokes on."""
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(destination, "w") as zout:
-        names = [info.filename for info in zin.infolist()]
-        assert any(name.endswith("constants.pkl") for name in names)
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename.endswith("constants.pkl"):
-                data = b"\x80\x02ctorch\nnot_a_thing\nq\x00)\x81q\x01." + b"\xff" * 64
-            zout.writestr(info, data)
-    return destination
-
-
-def test_a_good_archive_passes(good_archive: Path) -> None:
-    probe_torchscript(good_archive, timeout_seconds=120)
-
-
-def test_a_corrupt_constants_pickle_is_invalid_model(good_archive: Path, tmp_path: Path) -> None:
-    with pytest.raises(InvalidModel, match="cannot be loaded safely"):
-        probe_torchscript(corrupt_constants(good_archive, tmp_path / "bad.ts"), timeout_seconds=120)
-
-
-def test_the_memory_limit_applies_to_the_child(tmp_path: Path) -> None:
-    # 48 MB of weights and no room beyond what the child already maps: the load fails
-    # in the child, not here.
-    import torch
-
-    big = tmp_path / "big.ts"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(3000, 4000)), str(big))
-    probe_torchscript(big, timeout_seconds=120)
-    with pytest.raises(InvalidModel, match="cannot be loaded safely"):
-        probe_torchscript(big, timeout_seconds=120, address_space_bytes=0)
-
-
-def test_the_time_limit_stops_the_child(good_archive: Path) -> None:
-    with pytest.raises(InvalidModel, match="longer than"):
-        probe_torchscript(good_archive, timeout_seconds=0)
+def make_parts(tmp_path: Path, **overrides: object) -> tuple[Settings, JobStore, LocalStorage]:
+    settings = Settings(data_dir=tmp_path / "data", lease_seconds=3.0, heartbeat_seconds=0.2, **overrides)
+    return settings, open_store(settings.effective_store_url), LocalStorage(settings.resolved_data_dir)
 
 
 @pytest.fixture()
 def parts(tmp_path: Path) -> Iterator[tuple[Settings, JobStore, LocalStorage]]:
-    settings = Settings(data_dir=tmp_path / "data", lease_seconds=3.0, heartbeat_seconds=0.2)
-    store = open_store(settings.effective_store_url)
-    yield settings, store, LocalStorage(settings.resolved_data_dir)
+    settings, store, storage = make_parts(tmp_path)
+    yield settings, store, storage
     store.close()
 
 
-def test_a_job_with_a_poisoned_archive_fails_and_the_next_job_runs(parts, good_archive: Path, tmp_path: Path) -> None:
+def job_children() -> list[int]:
+    """Live children of the fork server: the job processes."""
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    return children_of(server) if server else []
+
+
+def test_confinement_holds_on_this_kernel(tmp_path: Path) -> None:
+    status = sandbox.confinement_status(tmp_path, refresh=True)
+    assert status.available, status.reason
+
+
+def test_a_data_dir_inside_the_readable_roots_makes_confinement_unavailable() -> None:
+    import torch as torch_package
+
+    status = sandbox.confinement_status(Path(torch_package.__file__).parent / "data", refresh=True)
+    assert not status.available and "COMPACTOR_DATA_DIR" in status.reason
+    sandbox.confinement_status(Path("/nonexistent-compactor-data"), refresh=True)
+
+
+def test_the_worker_never_loads_or_calls_the_uploaded_model(parts, good_archive: Path, monkeypatch) -> None:
     settings, store, storage = parts
-    poisoned = create_job(store, storage, corrupt_constants(good_archive, tmp_path / "poison.ts"), QUICK_SPEC)
-    healthy = create_job(store, storage, good_archive, QUICK_SPEC)
 
-    assert execute_job(poisoned.id, store, storage, settings, "me") is Outcome.finished
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the worker process itself loaded an uploaded model")
+
+    # Only this (the worker's) process is patched; the job's child is forked from the fork server.
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr("worker.compression.pipeline.compress_files", refuse)
+    job = create_job(store, storage, good_archive, QUICK_SPEC)
+    assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+    done = store.get_job(job.id)
+    assert done is not None and done.status is JobStatus.succeeded, done
+    assert {artifact.name for artifact in done.artifacts} >= {"model.ts", "report.json"}
+
+
+def test_the_fork_server_and_its_children_hold_no_secrets(parts, good_archive: Path) -> None:
+    settings, store, storage = parts
+    sandbox.start_fork_server()
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+    assert not [entry for entry in environ if entry.startswith(b"COMPACTOR_")]
+    assert scrubbed_environment({"COMPACTOR_API_KEYS": "t:k", "REDIS_URL": "x", "OMP_NUM_THREADS": "2", "PATH": "/bin"}) == {
+        "OMP_NUM_THREADS": "2",
+        "PATH": "/bin",
+    }
+
+
+def assert_next_job_runs(store: JobStore, storage: LocalStorage, settings: Settings, archive: Path) -> None:
+    """The same worker code goes on to run a healthy job to success."""
+    healthy = create_job(store, storage, archive, QUICK_SPEC)
     assert execute_job(healthy.id, store, storage, settings, "me") is Outcome.finished
+    done = store.get_job(healthy.id)
+    assert done is not None and done.status is JobStatus.succeeded, done
 
-    failed, succeeded = store.get_job(poisoned.id), store.get_job(healthy.id)
-    assert failed is not None and failed.status is JobStatus.failed
-    assert failed.error is not None and failed.error.code == "invalid_model", failed.error
-    assert succeeded is not None and succeeded.status is JobStatus.succeeded
+
+def _run_and_interfere(
+    store: JobStore, storage: LocalStorage, settings: Settings, job_id: str, interfere, *, after: float = 1.0
+) -> float:
+    """execute_job in this thread while ``interfere`` runs once the job's child is busy; returns
+    the seconds from the interference to the end of the attempt."""
+    moments: dict[str, float] = {}
+
+    def act() -> None:
+        wait_for(lambda: job_children(), 60, "the job's child to start")
+        time.sleep(after)
+        moments["at"] = time.monotonic()
+        interfere()
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    assert execute_job(job_id, store, storage, settings, "me") is Outcome.finished
+    ended = time.monotonic()
+    thread.join(5)
+    return ended - moments.get("at", ended)
+
+
+def test_cancel_stops_a_job_stuck_in_its_forward_pass_at_once(parts, tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = parts
+    stuck = create_job(store, storage, hostile_models.save(hostile_models.never_returns(), tmp_path / "stuck.ts"), QUICK_SPEC)
+    took = _run_and_interfere(store, storage, settings, stuck.id, lambda: store.request_cancel(stuck.id, "default"))
+    assert store.get_job(stuck.id).status is JobStatus.cancelled
+    assert took < 5.0, f"the cancel took {took:.1f} s"
+    wait_for(lambda: not job_children(), 10, "the stuck child to be gone")
+    assert_next_job_runs(store, storage, settings, good_archive)
+
+
+def test_the_time_limit_stops_a_job_stuck_in_its_forward_pass(tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = make_parts(tmp_path, job_soft_time_limit=3.0, job_hard_time_limit=60.0)
+    try:
+        stuck = create_job(store, storage, hostile_models.save(hostile_models.never_returns(), tmp_path / "stuck.ts"), QUICK_SPEC)
+        started = time.monotonic()
+        assert execute_job(stuck.id, store, storage, settings, "me") is Outcome.finished
+        took = time.monotonic() - started
+        job = store.get_job(stuck.id)
+        assert job.status is JobStatus.failed and job.error.code == "timeout", job
+        assert took < 3.0 + 5.0, f"stopped after {took:.1f} s"
+        # The same worker goes on (with a limit a normal job fits in on two busy cores).
+        relaxed = settings.model_copy(update={"job_soft_time_limit": 600.0, "job_hard_time_limit": 660.0})
+        assert_next_job_runs(store, storage, relaxed, good_archive)
+    finally:
+        store.close()
+
+
+def test_a_crash_of_the_child_fails_the_job_and_the_next_runs(parts, tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = parts
+    stuck = create_job(store, storage, hostile_models.save(hostile_models.never_returns(), tmp_path / "crash.ts"), QUICK_SPEC)
+
+    def segfault() -> None:
+        for pid in job_children():
+            os.kill(pid, signal.SIGSEGV)
+
+    _run_and_interfere(store, storage, settings, stuck.id, segfault)
+    job = store.get_job(stuck.id)
+    assert job.status is JobStatus.failed and job.error.code == "invalid_model", job
+    assert "crashed" in job.error.message and "SIGSEGV" in job.error.message
+    assert_next_job_runs(store, storage, settings, good_archive)
+
+
+def test_memory_exhaustion_in_the_child_fails_the_job_and_the_next_runs(tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = make_parts(tmp_path, job_memory_bytes=1024**3)
+    try:
+        hog = create_job(store, storage, hostile_models.save(hostile_models.eats_memory(), tmp_path / "hog.ts"), QUICK_SPEC)
+        assert execute_job(hog.id, store, storage, settings, "me") is Outcome.finished
+        job = store.get_job(hog.id)
+        assert job.status is JobStatus.failed and job.error.code == "invalid_model", job
+        assert "memory" in job.error.message and "COMPACTOR_JOB_MEMORY_BYTES" in job.error.message
+        assert_next_job_runs(store, storage, settings, good_archive)
+    finally:
+        store.close()
+
+
+def test_a_load_that_takes_too_long_is_invalid_model(tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = make_parts(tmp_path, torchscript_probe_seconds=0.01)
+    try:
+        job = create_job(store, storage, good_archive, QUICK_SPEC)
+        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(job.id)
+        assert done.status is JobStatus.failed and done.error.code == "invalid_model" and "longer than" in done.error.message
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ the three attacks, through the worker
+
+
+@pytest.fixture()
+def targets(tmp_path: Path) -> dict[str, Path]:
+    return hostile_models.attack_targets(tmp_path / "outside", SECRET)
+
+
+def _attack_models(targets: dict[str, Path], other_upload: Path) -> dict[str, torch.nn.Module]:
+    return hostile_models.attacks(targets, len(SECRET), other_upload)
+
+
+def _assert_untouched(targets: dict[str, Path], victim_bytes: bytes) -> None:
+    assert targets["victim"].read_bytes() == victim_bytes
+    assert not targets["new"].exists()
+
+
+def test_the_attacks_fail_unsafe_model_in_the_worker(parts, tmp_path: Path, targets: dict[str, Path], good_archive: Path) -> None:
+    settings, store, storage = parts
+    other = create_job(store, storage, good_archive, QUICK_SPEC)
+    other_upload = storage.upload_path(other.model_id)
+    victim_bytes = targets["victim"].read_bytes()
+    for what, model in _attack_models(targets, other_upload).items():
+        job = create_job(store, storage, hostile_models.save(model, tmp_path / "attack.ts"), QUICK_SPEC)
+        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(job.id)
+        assert done.status is JobStatus.failed, (what, done)
+        assert done.error.code == "unsafe_model" and "aten::from_file" in done.error.message, (what, done.error)
+        assert not done.artifacts
+    _assert_untouched(targets, victim_bytes)
+
+
+def _unchecked_attack_child(conn: Connection, request: bytes) -> None:
+    """The second layer alone: confine as the worker does, then load and run the hostile
+    program with no allowlist check at all."""
+    body = json.loads(request)
+    confine(Policy(scratch=Path(body["scratch"]), inputs=(Path(body["model"]),), address_space_bytes=4 * 1024**3))
+    outcome: dict[str, object] = {"environ": sorted(os.environ)}
+    try:
+        module = torch.jit.load(body["model"])  # noqa: S614 - deliberately unchecked, inside confinement
+        output = module(torch.zeros(1, 1, 8, 8))
+        loot = getattr(module, "loot", None)
+        outcome["ran"] = True
+        outcome["loot"] = bytes(loot.tolist()).hex() if loot is not None else None
+        outcome["output"] = output.shape[1]
+    except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome
+        outcome["ran"] = False
+        outcome["error"] = str(exc)[-400:]
+    conn.send_bytes(json.dumps(outcome).encode())
+    conn.close()
+
+
+def test_confinement_alone_holds_the_attacks(tmp_path: Path, targets: dict[str, Path], good_archive: Path) -> None:
+    storage = LocalStorage(tmp_path / "data")
+    other_upload = storage.upload_path("mdl_other")
+    other_upload.write_bytes(SECRET)
+    victim_bytes = targets["victim"].read_bytes()
+    context = sandbox._forkserver()
+    for what, model in _attack_models(targets, other_upload).items():
+        scratch = tmp_path / f"scratch-{len(what)}"
+        scratch.mkdir()
+        archive = hostile_models.save(model, scratch.parent / f"{scratch.name}.ts")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(
+            target=_unchecked_attack_child,
+            args=(send, json.dumps({"scratch": str(scratch), "model": str(archive)}).encode()),
+            daemon=True,
+        )
+        child.start()
+        send.close()
+        assert receive.poll(120), what
+        outcome = json.loads(receive.recv_bytes())
+        child.join(30)
+        assert outcome["ran"] is False, (what, outcome)
+        assert "Permission denied" in outcome["error"], (what, outcome)
+        assert SECRET.hex() not in json.dumps(outcome)
+        assert not [name for name in outcome["environ"] if name.startswith("COMPACTOR_")]
+    _assert_untouched(targets, victim_bytes)

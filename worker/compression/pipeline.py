@@ -135,11 +135,19 @@ def _check_combination(spec: JobSpec, scripted: bool, data: SplitData) -> None:
         raise UnsupportedCombination("a target accuracy drop needs targets in the dataset to measure accuracy", field="target")
 
 
+def is_memory_exhaustion(error: BaseException) -> bool:
+    """An allocation failed (Python's MemoryError, or torch's allocator, also through TorchScript)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "bad_alloc" in text
+
+
 def _output_check(model: nn.Module, example: torch.Tensor) -> int:
     try:
         with torch.inference_mode():
             output = model(example)
     except Exception as error:  # a model or input shape problem of the upload, not ours
+        if is_memory_exhaustion(error):
+            raise  # the job's memory limit, not the input shape
         raise InvalidSpec(
             f"the model failed on an input of shape {list(example.shape)}: {str(error).splitlines()[0][:300]}; "
             "set spec.model.input_shape (or upload a dataset) to match what the model expects",
