@@ -60,7 +60,7 @@ PROGRESS_RATE = 10.0
 
 _context_lock = threading.Lock()
 _context: multiprocessing.context.ForkServerContext | None = None
-_FORK_SERVER_PRELOAD = ["worker.sandbox_server", "torch", "worker.sandbox", "worker.compression.pipeline"]
+_FORK_SERVER_PRELOAD = ["worker.sandbox_server", "torch", "worker.sandbox", "worker.compression.pipeline", "worker.sandbox_warmup"]
 
 
 @contextmanager
@@ -132,7 +132,12 @@ class ChildJob:
 class ChildResult:
     metrics: dict[str, Any]
     artifacts: dict[str, Path]
+    # From the fork request to the child's first message (forked, confined, limits set).
     seconds_to_start: float
+    # The child's own time, from its entry to its result.
+    seconds_in_child: float
+    # From the result message to this call's return: the child's exit and the artifacts' adoption.
+    seconds_to_hand_off: float
 
 
 class ChildFailed(CompactorError):
@@ -146,6 +151,7 @@ class ChildFailed(CompactorError):
 
 def _child_main(conn: Connection, request: bytes) -> None:
     body = json.loads(request)
+    body["entered"] = time.perf_counter()
     try:
         _run_child(conn, body)
     except BaseException as exc:  # noqa: BLE001 - every ending is reported to the parent as data
@@ -232,7 +238,9 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
         dataset_path=Path(body["dataset_path"]) if body["dataset_path"] else None,
         progress=progress,
     )
-    _send(conn, {"result": {"metrics": result.metrics, "artifacts": sorted(Path(p).name for p in result.artifacts.values())}})
+    artifacts = sorted(Path(p).name for p in result.artifacts.values())
+    seconds = time.perf_counter() - body["entered"]
+    _send(conn, {"result": {"metrics": result.metrics, "artifacts": artifacts, "seconds": seconds}})
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -301,6 +309,7 @@ def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], shoul
     send.close()
     final: dict[str, Any] | None = None
     seconds_to_start = 0.0
+    received = 0.0
     stage = "load"
     load_deadline = time.monotonic() + job.limits.load_seconds
     try:
@@ -323,6 +332,7 @@ def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], shoul
                     progress(stage, float(fraction))
                 elif "result" in message or "error" in message:
                     final = message
+                    received = time.perf_counter()
             elif not child.is_alive():
                 # Drain what it said before exiting.
                 if not receive.poll(0):
@@ -353,8 +363,13 @@ def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], shoul
     if "error" in final:
         raise _error_from(final["error"], memory_hint)
     result = final["result"]
+    artifacts = _adopt_artifacts(job.out_dir, result["artifacts"])
     return ChildResult(
-        metrics=result["metrics"], artifacts=_adopt_artifacts(job.out_dir, result["artifacts"]), seconds_to_start=seconds_to_start
+        metrics=result["metrics"],
+        artifacts=artifacts,
+        seconds_to_start=seconds_to_start,
+        seconds_in_child=float(result.get("seconds", 0.0)),
+        seconds_to_hand_off=time.perf_counter() - received,
     )
 
 
