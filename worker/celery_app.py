@@ -68,9 +68,14 @@ def _preload_core(**_: Any) -> None:
     if _is_notifier():
         return
     started = time.perf_counter()
-    from worker.sandbox import start_fork_server
+    from worker.sandbox import confinement_status, start_fork_server
 
     start_fork_server()  # imports torch in its own process while this one loads the core
+    # Whether this kernel can confine uploaded TorchScript, logged now rather than at the first
+    # such job (which would wait for it): a self-test child, once the fork server is up.
+    threading.Thread(
+        target=confinement_status, args=(get_settings().resolved_data_dir,), name="confinement-self-test", daemon=True
+    ).start()
     import worker.compression.pipeline  # noqa: F401
 
     threads = get_settings().torch_threads

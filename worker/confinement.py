@@ -64,7 +64,7 @@ import resource
 import struct
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- syscalls
@@ -364,10 +364,6 @@ class Policy:
     cpu_seconds: int | None = None
     file_bytes: int | None = None
     gpu: bool = False
-    extra_read: tuple[Path, ...] = field(default_factory=tuple)
-
-    def read_roots(self) -> list[Path]:
-        return _read_roots() + [Path(p) for p in self.extra_read]
 
 
 def apply_limits(policy: Policy) -> None:
@@ -405,7 +401,7 @@ def confine(policy: Policy) -> None:
         raise ConfinementError("Landlock is not available in this kernel (needs Linux ≥ 5.13 with lsm=...,landlock)")
     # The child dies with its parent: nothing confined outlives the job that started it.
     _prctl(_PR_SET_PDEATHSIG, 9, what="PR_SET_PDEATHSIG")
-    read_roots = policy.read_roots()
+    read_roots = _read_roots()
     devices: list[Path] = [Path("/dev/null")]
     if policy.gpu:
         devices += sorted(Path("/dev").glob("nvidia*"))
@@ -425,8 +421,9 @@ def confine(policy: Policy) -> None:
     _landlock(read_roots, read_files, [policy.scratch], devices, abi)
     _seccomp()
     sys.dont_write_bytecode = True
+    kept = scrubbed_environment(os.environ)
     os.environ.clear()
-    os.environ.update(scrubbed_environment(_initial_environment))
+    os.environ.update(kept)
     os.environ["TMPDIR"] = str(policy.scratch)
     os.environ["HOME"] = str(policy.scratch)
     import tempfile
@@ -434,21 +431,9 @@ def confine(policy: Policy) -> None:
     tempfile.tempdir = str(policy.scratch)
 
 
-# Taken at import (in the fork server, whose environment the worker already scrubbed).
-_initial_environment = dict(os.environ)
-
-
-@dataclass(frozen=True)
-class SelfTest:
-    available: bool
-    reason: str
-    landlock_abi: int
-
-
 __all__ = [
     "ConfinementError",
     "Policy",
-    "SelfTest",
     "apply_limits",
     "check_data_dir_outside",
     "confine",

@@ -77,18 +77,34 @@ def _scrubbed_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _server_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _forkserver() -> multiprocessing.context.ForkServerContext:
+    """The fork server's context, (re)starting the server with a scrubbed environment.
+
+    multiprocessing restarts a dead server by itself at the next ``Process.start`` — with the
+    environment of that moment, the worker's secrets included — so every start goes through here."""
     global _context
+    import multiprocessing.forkserver
+
     with _context_lock:
         if _context is None:
-            import multiprocessing.forkserver
-
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(_FORK_SERVER_PRELOAD)
+            _context = context
+        server = multiprocessing.forkserver._forkserver
+        if not _server_alive(server._forkserver_pid):
             # The server inherits the environment it starts with; every job child inherits the server's.
             with _scrubbed_environ():
-                multiprocessing.forkserver.ensure_running()
-            _context = context
+                server.ensure_running()
         return _context
 
 
@@ -206,6 +222,11 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
         file_bytes=limits["file_bytes"],
         gpu=bool(body["gpu"]),
     )
+    try:
+        # The job, not its worker or the fork server, is what the kernel's OOM killer should take.
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
     if body["confined"]:
         confine(policy)  # before a single byte of the upload is read
     else:

@@ -171,7 +171,7 @@ class Cluster:
     @contextmanager
     def memory_limit(self, limit_bytes: int) -> Iterator[list[tuple[datetime, int]]]:
         """While inside: when a worker's process tree (the worker, its fork server and the job's
-        child) holds more than ``limit_bytes`` resident, SIGKILL its largest process — what the
+        child) holds more than ``limit_bytes`` (Pss), SIGKILL the process the OOM killer would pick — what the
         kernel's OOM killer does to a container over its memory limit (``docker run --memory``, a
         Kubernetes pod's ``limits.memory``). Emulated because a test cannot portably create a
         cgroup; the kill is the same signal a real limit sends. Yields the kills (moment, pid)."""
@@ -182,9 +182,10 @@ class Cluster:
             while not lifted.wait(0.02) and not self._stop_watching.is_set():
                 for worker in self.live_workers():
                     tree = process_tree(worker.pid)
-                    sizes = {pid: resident_bytes(pid) for pid in tree}
-                    if sum(sizes.values()) > limit_bytes:
-                        largest = max(sizes, key=lambda pid: sizes[pid])
+                    # A cgroup charges each page once: proportional shares, not each process's RSS.
+                    if sum(proportional_bytes(pid) for pid in tree) > limit_bytes:
+                        # The kernel's choice: the highest badness (RSS, page tables, oom_score_adj).
+                        largest = max(tree, key=oom_score)
                         if largest == worker.pid:
                             kills.append((self.kill(worker, f"memory limit {limit_bytes // 2**20} MiB"), largest))
                         else:
@@ -319,7 +320,26 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_resident_bytes(pid: int) -> int:
-    return sum(resident_bytes(member) for member in process_tree(pid))
+    """Resident memory of ``pid`` and its descendants, each shared page counted once (Pss)."""
+    return sum(proportional_bytes(member) for member in process_tree(pid))
+
+
+def proportional_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def oom_score(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/oom_score").read_text())
+    except (OSError, ValueError):
+        return -1
 
 
 def resident_bytes(pid: int) -> int:

@@ -47,7 +47,8 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(
     )
     cluster.start_workers(2)
     # Several times the visibility timeout (plus kombu's 1 s sweep): its message is handed out again.
-    long = cluster.submit(inputs["model"], finetune_spec(epochs=100), inputs["dataset"])
+    # ~2.4 s per 100 epochs here since jobs run in a warm child: 400 is several visibility timeouts.
+    long = cluster.submit(inputs["model"], finetune_spec(epochs=400), inputs["dataset"])
     quick = [cluster.submit(inputs["model"], QUICK_SPEC) for _ in range(2)]
     everything = [long.id] + [job.id for job in quick]
 
