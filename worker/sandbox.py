@@ -317,6 +317,31 @@ def _exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
+def _parse_message(data: bytes) -> dict[str, Any]:
+    # The child may run hostile code: what it says is checked like any other input.
+    try:
+        message = json.loads(data)
+    except ValueError:
+        raise ChildFailed("the job's process sent a malformed message") from None
+    if not isinstance(message, dict):
+        raise ChildFailed("the job's process sent a malformed message")
+    result = message.get("result")
+    if result is not None and not (isinstance(result, dict) and isinstance(result.get("metrics"), dict)):
+        raise ChildFailed("the job's process sent a malformed result")
+    error = message.get("error")
+    if error is not None and not isinstance(error, dict):
+        raise ChildFailed("the job's process sent a malformed error")
+    return message
+
+
+def _parse_progress(value: object) -> tuple[str, float]:
+    try:
+        name, fraction = value  # type: ignore[misc]
+        return str(name)[:64], float(fraction)
+    except (TypeError, ValueError):
+        raise ChildFailed("the job's process sent malformed progress") from None
+
+
 def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], should_stop: Callable[[], bool]) -> ChildResult:
     """Run ``compress_files`` for ``job`` in a child; raise what the child raised, as the parent's own.
 
@@ -342,15 +367,12 @@ def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], shoul
                     break
                 except OSError:
                     raise ChildFailed("the job's process sent a message larger than the limit") from None
-                message = json.loads(data)
-                if not isinstance(message, dict):
-                    raise ChildFailed("the job's process sent a malformed message")
+                message = _parse_message(data)
                 if "started" in message:
                     seconds_to_start = time.perf_counter() - started
                 elif "progress" in message:
-                    name, fraction = message["progress"]
-                    stage = str(name)
-                    progress(stage, float(fraction))
+                    stage, fraction = _parse_progress(message["progress"])
+                    progress(stage, fraction)
                 elif "result" in message or "error" in message:
                     final = message
                     received = time.perf_counter()

@@ -270,3 +270,32 @@ def test_confinement_alone_holds_the_attacks(tmp_path: Path, targets: dict[str, 
         assert SECRET.hex() not in json.dumps(outcome)
         assert not [name for name in outcome["environ"] if name.startswith("COMPACTOR_")]
     _assert_untouched(targets, victim_bytes)
+
+
+# ------------------------------------------------------------------ what the child says is input too
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b"[1, 2]", b'{"result": {"metrics": []}}', b'{"result": 3}', b'{"error": "boom"}'],
+)
+def test_a_malformed_message_from_the_child_fails_the_job(data: bytes) -> None:
+    with pytest.raises(sandbox.ChildFailed, match="malformed"):
+        sandbox._parse_message(data)
+
+
+def test_malformed_progress_fails_the_job_and_long_stage_names_are_cut() -> None:
+    with pytest.raises(sandbox.ChildFailed):
+        sandbox._parse_progress(["load"])
+    with pytest.raises(sandbox.ChildFailed):
+        sandbox._parse_progress(["load", "half"])
+    assert sandbox._parse_progress(["x" * 500, 0.5]) == ("x" * 64, 0.5)
+
+
+def test_an_error_code_the_worker_does_not_know_becomes_internal_error() -> None:
+    error = sandbox._error_from({"code": "succeeded_trust_me", "message": "hi"}, "hint")
+    assert error.code == "internal_error"
+    known = sandbox._error_from({"code": "unsafe_model", "message": "calls aten::from_file", "field": "model"}, "hint")
+    assert known.code == "unsafe_model" and known.field == "model"
+    memory = sandbox._error_from({"code": "memory_exhausted", "message": "can't allocate"}, "the job may use 1.0 GiB")
+    assert memory.code == "invalid_model" and "1.0 GiB" in memory.message
