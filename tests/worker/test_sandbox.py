@@ -299,3 +299,37 @@ def test_an_error_code_the_worker_does_not_know_becomes_internal_error() -> None
     assert known.code == "unsafe_model" and known.field == "model"
     memory = sandbox._error_from({"code": "memory_exhausted", "message": "can't allocate"}, "the job may use 1.0 GiB")
     assert memory.code == "invalid_model" and "1.0 GiB" in memory.message
+
+
+# ------------------------------------------------------------------ a kernel that cannot confine
+
+
+@pytest.fixture()
+def no_landlock(monkeypatch, tmp_path: Path):
+    """This kernel as an older one without Landlock (the only stand-in: the check is real otherwise)."""
+    monkeypatch.setattr("worker.confinement.landlock_abi", lambda: 0)
+    sandbox.confinement_status(tmp_path, refresh=True)
+    yield
+    monkeypatch.undo()
+    sandbox.confinement_status(tmp_path, refresh=True)
+
+
+def test_without_confinement_a_torchscript_job_is_refused_naming_the_setting(no_landlock, parts, good_archive: Path) -> None:
+    settings, store, storage = parts
+    job = create_job(store, storage, good_archive, QUICK_SPEC)
+    assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+    done = store.get_job(job.id)
+    assert done.status is JobStatus.failed and done.error.code == "confinement_unavailable", done
+    assert "Landlock" in done.error.message and "COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT" in done.error.message
+
+
+def test_the_operator_opt_out_runs_it_unconfined_and_the_report_says_so(no_landlock, tmp_path: Path, good_archive: Path) -> None:
+    settings, store, storage = make_parts(tmp_path, allow_unconfined_torchscript=True)
+    try:
+        job = create_job(store, storage, good_archive, QUICK_SPEC)
+        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(job.id)
+        assert done.status is JobStatus.succeeded, done
+        assert any("without kernel confinement" in warning for warning in done.metrics["warnings"])
+    finally:
+        store.close()
