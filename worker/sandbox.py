@@ -157,7 +157,7 @@ class ChildResult:
 
 
 class ChildFailed(CompactorError):
-    """The child died without saying why (a crash, a resource limit, a kill)."""
+    """The child died without a result (a crash, a resource limit, a kill) or said something malformed."""
 
     code = "internal_error"
 
