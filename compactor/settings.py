@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     insecure: bool = False
 
     max_upload_bytes: int = 2 * 1024**3
-    max_parameters: int = 500_000_000
+    # Gateway and workers check uploads against the same numbers (compactor/limits.py).
+    max_parameters: int = Field(default=500_000_000, gt=0, description="tensor elements a model may hold")
+    max_dataset_bytes: int = Field(default=4 * 1024**3, gt=0, description="uncompressed bytes a dataset may declare")
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 1.0
     max_attempts: int = 3

@@ -8,6 +8,7 @@ request stored — files and upload records — is deleted before the error prop
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +16,9 @@ from starlette.requests import Request
 
 from compactor.compat import DatasetFacts, check_compatibility
 from compactor.dataset_info import dataset_info
+from compactor.errors import InvalidDataset
 from compactor.formats import detect_dataset_format, detect_model_format
+from compactor.limits import Limits
 from compactor.torchscript_code import check_torchscript_code
 from compactor.jobs import Job, JobStatus, Upload, new_id
 from compactor.queue import BrokerUnavailable, JobQueue
@@ -90,18 +93,27 @@ def _save(storage: LocalStorage, cleanup: _Cleanup, part: Part, kind: UploadKind
     return upload_id, stored.size_bytes, stored.sha256
 
 
-def _describe(storage: LocalStorage, kind: UploadKind, upload_id: str, size: int, sha256: str, tenant: str) -> tuple[Upload, DatasetFacts | None]:
-    """Detect the format from the stored bytes (and count samples); raises compactor errors."""
+def _describe(
+    storage: LocalStorage, kind: UploadKind, upload_id: str, size: int, sha256: str, tenant: str, limits: Limits
+) -> tuple[Upload, DatasetFacts | None]:
+    """Detect the format from the stored bytes (and count samples) within ``limits``, the same the
+    worker loads with; raises compactor errors."""
     path = storage.upload_path(upload_id)
     if kind == "model":
-        fmt = detect_model_format(path)
+        fmt = detect_model_format(path, limits.model_archive)
         if fmt == "torchscript":
             # A program: an op off the allowlist is refused now (422 unsafe_model, naming it),
             # not after the job has waited in the queue; the worker checks the graph again.
             check_torchscript_code(path)
         return Upload(id=upload_id, tenant=tenant, kind="model", format=fmt, size_bytes=size, sha256=sha256), None
-    dfmt = detect_dataset_format(path)
+    dfmt = detect_dataset_format(path, limits.dataset_archive)
     info = dataset_info(path, dfmt)
+    elements = math.prod(info.input_shape)
+    if elements > limits.max_dataset_input_elements:
+        raise InvalidDataset(
+            f"'inputs' has {elements:,} elements, more than the limit of {limits.max_dataset_input_elements:,} "
+            "(COMPACTOR_MAX_DATASET_BYTES / 4, as float32): upload fewer or smaller samples"
+        )
     upload = Upload(
         id=upload_id, tenant=tenant, kind="dataset", format=dfmt, size_bytes=size, sha256=sha256, num_samples=info.num_samples
     )
@@ -123,7 +135,7 @@ def receive_upload(
             saved = _save(storage, cleanup, part, kind, settings)
         if saved is None:
             raise _missing("file")
-        upload, _facts = _describe(storage, kind, *saved, tenant)
+        upload, _facts = _describe(storage, kind, *saved, tenant, Limits.from_settings(settings))
         store.put_upload(upload)
         cleanup.records.append(upload.id)
         return upload
@@ -217,8 +229,9 @@ def submit_multipart(
             raise _missing("model")
         spec = parse_spec(spec_text)  # pydantic.ValidationError → 422 invalid_spec (loc under "spec")
         _check_notify(spec, settings, tenant)
-        model_upload, _ = _describe(storage, "model", *model, tenant)
-        dataset_upload, facts = _describe(storage, "dataset", *dataset, tenant) if dataset else (None, None)
+        limits = Limits.from_settings(settings)
+        model_upload, _ = _describe(storage, "model", *model, tenant, limits)
+        dataset_upload, facts = _describe(storage, "dataset", *dataset, tenant, limits) if dataset else (None, None)
         check_compatibility(model_upload.format, spec, facts)
         for upload in (model_upload, dataset_upload):
             if upload is not None:

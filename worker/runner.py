@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from compactor.errors import Cancelled, CompactorError, ConfinementUnavailable
 from compactor.jobs import Artifact, Job, JobError, JobStatus
+from compactor.limits import Limits
 from compactor.logs import job_context
 from compactor.settings import Settings
 from compactor.spec import JobSpec, parse_spec
@@ -128,6 +129,7 @@ def _child_job(
         ),
         threads=settings.torch_threads,
         gpu=gpu,
+        upload_limits=Limits.from_settings(settings).to_json(),
     )
 
 

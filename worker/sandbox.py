@@ -137,6 +137,8 @@ class ChildJob:
     limits: ChildLimits
     threads: int | None = None
     gpu: bool = False
+    # The upload size limits, the same the gateway checked (compactor/limits.py); None: defaults.
+    upload_limits: dict[str, Any] | None = None
 
     def request(self) -> bytes:
         body = asdict(self)
@@ -252,12 +254,15 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
             last.update(stage=stage, at=now)
             _send(conn, {"progress": [stage, fraction]})
 
+    from compactor.limits import Limits
+
     result = compress_files(
         Path(body["model_path"]),
         spec,
         out_dir,
         dataset_path=Path(body["dataset_path"]) if body["dataset_path"] else None,
         progress=progress,
+        limits=Limits.from_json(body["upload_limits"]) if body.get("upload_limits") else None,
     )
     artifacts = sorted(Path(p).name for p in result.artifacts.values())
     seconds = time.perf_counter() - body["entered"]

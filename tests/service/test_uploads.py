@@ -123,3 +123,38 @@ async def test_payload_too_large_when_streamed_without_length(small_app, small_s
     assert response.status_code == 413, response.text
     assert response.json()["code"] == "payload_too_large"
     assert stored_files(small_settings) == []
+
+
+# -- one set of limits: what the gateway accepts, the worker loads (compactor/limits.py)
+
+
+def _npz(inputs) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, inputs=inputs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("max_dataset_bytes", [1024])
+async def test_a_dataset_past_the_configured_size_is_refused_at_upload(make_settings, max_dataset_bytes) -> None:
+    import numpy as np
+
+    from service.app import create_app
+
+    settings = make_settings(max_dataset_bytes=max_dataset_bytes)
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        response = await upload(client, "datasets", _npz(np.zeros((40, 1, 8, 8), dtype=np.float32)))
+        # 10 KiB of float32 declared: above 1 KiB, refused before the job is ever queued.
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == "invalid_dataset" and "uncompressed bytes" in response.json()["detail"]
+        small = await upload(client, "datasets", _npz(np.zeros((2, 1, 4, 4), dtype=np.float32)))
+        assert small.status_code == 201, small.text
+        # uint8 inputs that fit the archive budget but would not fit it as float32.
+        wide = await upload(client, "datasets", _npz(np.zeros((8, 1, 8, 8), dtype=np.uint8)))
+        assert wide.status_code == 422 and "COMPACTOR_MAX_DATASET_BYTES" in wide.json()["detail"], wide.text
+    app.state.resources.close()
+    assert stored_files(settings) == [p for p in stored_files(settings) if p.name == small.json()["id"]]

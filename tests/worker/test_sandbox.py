@@ -333,3 +333,16 @@ def test_the_operator_opt_out_runs_it_unconfined_and_the_report_says_so(no_landl
         assert any("without kernel confinement" in warning for warning in done.metrics["warnings"])
     finally:
         store.close()
+
+
+def test_the_configured_parameter_limit_reaches_the_job_child(tmp_path: Path, good_archive: Path) -> None:
+    # COMPACTOR_MAX_PARAMETERS used to be read by nothing; the child now loads within Settings' limits.
+    settings, store, storage = make_parts(tmp_path, max_parameters=100)
+    try:
+        job = create_job(store, storage, good_archive, QUICK_SPEC)
+        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(job.id)
+        assert done.status is JobStatus.failed and done.error.code == "model_too_large", done
+        assert "100 parameters" in done.error.message
+    finally:
+        store.close()

@@ -38,12 +38,12 @@ import torch
 
 from compactor.errors import InvalidDataset, InvalidSpec
 from compactor.formats import ArchiveLimits, DatasetFileFormat, detect_dataset_format
+from compactor.limits import Limits
 from worker.compression.context import Batch, BatchSource
 from worker.compression.loading import all_finite
 
 Split = Literal["train", "val"]
 
-_GIB = 1024**3
 _FLOAT_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER_TARGET_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # Mixes the pass number into the seed; an odd 64-bit constant keeps passes of nearby seeds apart.
@@ -52,9 +52,10 @@ _PASS_SEED_STRIDE = 0x9E3779B97F4A7C15
 
 @dataclass(frozen=True)
 class DatasetLimits:
-    archive: ArchiveLimits = field(default_factory=lambda: ArchiveLimits(max_total_uncompressed_bytes=4 * _GIB))
+    # The defaults are compactor.limits.Limits' (the gateway's); the worker passes the configured ones.
+    archive: ArchiveLimits = field(default_factory=lambda: Limits().dataset_archive)
     # Elements of ``inputs``, checked before the conversion to float32 (4 bytes each).
-    max_input_elements: int = 1 << 30
+    max_input_elements: int = Limits().max_dataset_input_elements
 
 
 @dataclass(frozen=True)

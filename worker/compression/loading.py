@@ -50,6 +50,7 @@ from compactor.formats import (
     read_safetensors_header,
     single_top_level_prefix,
 )
+from compactor.limits import Limits
 from compactor.spec import ModelSpec
 from compactor.torchscript_code import check_torchscript_code
 from worker.compression.graph_check import check_torchscript
@@ -61,9 +62,10 @@ _SHOWN_KEYS = 5
 
 @dataclass(frozen=True)
 class LoadLimits:
-    archive: ArchiveLimits = field(default_factory=ArchiveLimits)
+    # The defaults are compactor.limits.Limits' (the gateway's); the worker passes the configured ones.
+    archive: ArchiveLimits = field(default_factory=lambda: Limits().model_archive)
     # Counts every tensor element (parameters and buffers).
-    max_parameters: int = 500_000_000
+    max_parameters: int = Limits().max_parameters
 
 
 @dataclass

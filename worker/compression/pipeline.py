@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 from compactor.errors import CompressionFailed, InvalidModel, InvalidSpec, UnsupportedCombination
+from compactor.limits import Limits
 from compactor.spec import JobSpec, PruneSpec
 from worker.compression import measure
 from worker.compression.context import BatchSource, RunContext
 from worker.compression.criteria import get_criterion
-from worker.compression.data import SplitData, load_dataset, split_dataset, synthetic_data
+from worker.compression.data import DatasetLimits, SplitData, load_dataset, split_dataset, synthetic_data
 from worker.compression.export import save_state_dict, save_torchscript, to_torchscript, verify_reload
 from worker.compression.finetune import finetune
-from worker.compression.loading import LoadedModel, load_model
+from worker.compression.loading import LoadedModel, LoadLimits, load_model
 from worker.compression.progress import STAGE_WEIGHTS, ProgressPlan
 from worker.compression.pruning import (
     apply_masks,
@@ -684,14 +685,18 @@ def compress_files(
     progress: Callable[[str, float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     benchmark: BenchmarkOptions | None = None,
+    limits: Limits | None = None,
 ) -> CompressionResult:
-    """Load an uploaded model (and dataset), compress it, write the artifacts into ``out_dir``."""
+    """Load an uploaded model (and dataset) within ``limits`` (the gateway's, from Settings),
+    compress it, write the artifacts into ``out_dir``."""
     start = time.perf_counter()
+    limits = limits or Limits()
     if progress is not None:
         progress("load", 0.0)
-    loaded = load_model(Path(model_path), spec.model)
+    loaded = load_model(Path(model_path), spec.model, LoadLimits(archive=limits.model_archive, max_parameters=limits.max_parameters))
     if dataset_path is not None:
-        dataset = load_dataset(Path(dataset_path))
+        dataset_limits = DatasetLimits(archive=limits.dataset_archive, max_input_elements=limits.max_dataset_input_elements)
+        dataset = load_dataset(Path(dataset_path), dataset_limits)
         data = split_dataset(dataset, spec.data.val_fraction, spec.data.seed)
     else:
         data = None
