@@ -184,7 +184,8 @@ def test_submit_download_and_a_graceful_restart_mid_job(tmp_path: Path, inputs, 
     assert {"model.ts", "report.json"} <= {a["name"] for a in done["artifacts"]}
     download_and_load(first.client, done, tmp_path / "quick.ts")
 
-    long_job = submit(first.client, inputs, finetune_spec(epochs=30))
+    # Long enough to be interrupted: in a warm job child 100 epochs take only ~2-3 s here.
+    long_job = submit(first.client, inputs, finetune_spec(epochs=300))
     wait_training(first.client, long_job["id"])
     children = first.tree()
     assert len(children) >= 2, "expected a gateway and a worker under the supervisor"
@@ -210,7 +211,7 @@ def test_killed_processes_are_recovered_after_the_lease_expires(tmp_path: Path, 
     data_dir = tmp_path / "data"
     first = Serve(data_dir, tmp_path / "serve-1.log")
     serves.append(first)
-    job = submit(first.client, inputs, finetune_spec(epochs=30))
+    job = submit(first.client, inputs, finetune_spec(epochs=300))
     wait_training(first.client, job["id"])
 
     # 1. The worker alone dies (OOM killer, segfault): the supervisor starts a new one, whose

@@ -137,7 +137,8 @@ def test_redis_killed_with_jobs_queued_and_running(
     cluster = make_cluster(broker_url=server.url(10), store_url=server.url(11), lease_seconds=OUTAGE_LEASE_SECONDS)
     try:
         cluster.start_workers(2)
-        running = [cluster.submit(inputs["model"], finetune_spec(epochs=50), inputs["dataset"]) for _ in range(2)]
+        # Long enough for both to be caught fine-tuning (a warm job child does ~40 epochs a second here).
+        running = [cluster.submit(inputs["model"], finetune_spec(epochs=150), inputs["dataset"]) for _ in range(2)]
         queued = [cluster.submit(inputs["model"], QUICK_SPEC) for _ in range(4)]
         everything = [job.id for job in running + queued]
 

@@ -70,7 +70,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, shared_redis: tuple[str, s
 def test_sigkill_mid_finetune_with_ten_jobs_queued(service: Cluster, inputs: dict[str, Path], record_row: RowRecorder) -> None:
     service.wait_workers_ready(WORKERS)
     # Every job fine-tunes; the first two long enough to be killed in the middle of it.
-    specs = [finetune_spec(epochs=50)] * 2 + [finetune_spec(epochs=2)] * 8
+    specs = [finetune_spec(epochs=150)] * 2 + [finetune_spec(epochs=2)] * 8
     submitted = [service.submit(inputs["model"], spec, inputs["dataset"]) for spec in specs]
     long_ids = [job.id for job in submitted[:2]]
 
