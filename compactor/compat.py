@@ -2,6 +2,7 @@
 
 Everything here runs in the gateway before a job is created, so a client hears at once
 (``422``) why a combination cannot work and what would, instead of a job that fails later.
+``compress()`` calls the same function for notebook users: one set of rules, not two.
 """
 
 from __future__ import annotations
@@ -23,17 +24,22 @@ class DatasetFacts:
     has_targets: bool
 
 
-def check_compatibility(model_format: str, spec: JobSpec, dataset: DatasetFacts | None) -> None:
+def check_compatibility(
+    model_format: str | None, spec: JobSpec, dataset: DatasetFacts | None, *, architecture_built: bool = False
+) -> None:
     """Raise ``InvalidSpec`` / ``UnsupportedCombination`` (with ``field``) for what cannot run.
 
     ``model_format`` is the format detected from the upload's content
-    (``torchscript`` | ``state_dict`` | ``safetensors``).
+    (``torchscript`` | ``state_dict`` | ``safetensors``), or None for an ``nn.Module`` handed to
+    ``compress()`` in memory (its architecture is the object itself). ``architecture_built``: the
+    weights were already loaded into their architecture, so ``model.arch`` is no longer needed.
     """
     from compactor.formats import check_declared_format
 
-    check_declared_format(spec.model.format, model_format)
+    if model_format is not None:
+        check_declared_format(spec.model.format, model_format)
 
-    if model_format in ("state_dict", "safetensors") and not spec.model.arch:
+    if model_format in ("state_dict", "safetensors") and not spec.model.arch and not architecture_built:
         raise InvalidSpec(
             f"a {model_format} upload holds only weights: name the architecture in spec.model.arch "
             "(a torchvision classification builder such as 'resnet18') with spec.model.arch_kwargs "

@@ -266,3 +266,25 @@ def test_batchnorm_statistics_describe_the_fine_tuned_weights(tiny_cnn, digits_s
         features = captured[norm][0].transpose(0, 1).flatten(1)
         torch.testing.assert_close(norm.running_mean, features.mean(dim=1), atol=2e-3, rtol=2e-2)
         torch.testing.assert_close(norm.running_var, features.var(dim=1), atol=2e-3, rtol=5e-2)
+
+
+# -- one set of combination rules for the gateway and compress() (compactor/compat.py)
+
+
+def test_compress_refuses_what_the_gateway_refuses_with_the_same_words(tiny_cnn) -> None:
+    from compactor.errors import UnsupportedCombination
+
+    # The core used to allow a finetune section with 0 epochs and no data; the gateway never did.
+    with pytest.raises(UnsupportedCombination, match="fine-tuning needs data") as info:
+        compress(tiny_cnn, _spec(finetune={"epochs": 0}), None, benchmark=QUICK)
+    assert info.value.field == "finetune"
+    with pytest.raises(UnsupportedCombination, match="scores weights by gradients") as info:
+        compress(tiny_cnn, _spec(prune={"criterion": "taylor", "granularity": "unstructured"}), None, benchmark=QUICK)
+    assert info.value.field == "prune.criterion"
+
+
+def test_the_gateways_gradient_criteria_are_the_cores_criteria_that_need_data() -> None:
+    from compactor.compat import GRADIENT_CRITERIA
+    from worker.compression.criteria import CRITERIA
+
+    assert GRADIENT_CRITERIA == {name for name, cls in CRITERIA.items() if cls.needs_data}

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactor.errors import CompressionFailed, InvalidModel, InvalidSpec, UnsupportedCombination
+from compactor.compat import DatasetFacts, check_compatibility
+from compactor.errors import CompressionFailed, InvalidModel, InvalidSpec
 from compactor.limits import Limits
 from compactor.spec import JobSpec, PruneSpec
 from worker.compression import measure
@@ -112,28 +113,6 @@ def _clone(model: nn.Module) -> nn.Module:
         buffer.seek(0)
         return torch.jit.load(buffer, map_location="cpu")
     return copy.deepcopy(model)
-
-
-def _check_combination(spec: JobSpec, scripted: bool, data: SplitData) -> None:
-    prune = spec.prune
-    if scripted and prune is not None and prune.granularity == "channel":
-        raise UnsupportedCombination(
-            "channel pruning rewrites the architecture, which a TorchScript archive does not expose: "
-            "use prune.granularity 'unstructured', or upload a state_dict with spec.model.arch",
-            field="prune.granularity",
-        )
-    if data.synthetic:
-        if prune is not None and get_criterion(prune.criterion).needs_data:
-            raise UnsupportedCombination(
-                f"criterion '{prune.criterion}' needs gradients from real data: upload a dataset, or use 'magnitude'",
-                field="prune.criterion",
-            )
-        if spec.finetune is not None and spec.finetune.epochs > 0:
-            raise UnsupportedCombination("fine-tuning needs a dataset (random inputs teach nothing): upload one", field="finetune")
-        if spec.target is not None:
-            raise UnsupportedCombination("a target accuracy drop needs a dataset with targets to measure accuracy", field="target")
-    elif spec.target is not None and not data.has_targets:
-        raise UnsupportedCombination("a target accuracy drop needs targets in the dataset to measure accuracy", field="target")
 
 
 def is_memory_exhaustion(error: BaseException) -> bool:
@@ -436,7 +415,12 @@ def compress(
         clock.seconds.update(stage_seconds)
     plan = ProgressPlan(_progress_plan(spec, not data.synthetic), progress)
     ctx = RunContext(device=resolve_device(spec.device), progress=plan.report, should_cancel=should_cancel or (lambda: False))
-    _check_combination(spec, scripted, data)
+    # The gateway's own check, on what is known here: one set of rules for the service and notebooks.
+    dataset_facts = None if data.synthetic else DatasetFacts(
+        format="tensors", num_samples=len(data.train.inputs) + len(data.val.inputs), has_targets=data.has_targets
+    )
+    model_format = loaded.format if loaded is not None else ("torchscript" if scripted else None)
+    check_compatibility(model_format, spec, dataset_facts, architecture_built=True)
 
     pipeline = _Pipeline(module, spec, data, scripted=scripted, ctx=ctx, plan=plan, clock=clock, benchmark=benchmark)
     example = pipeline.example
