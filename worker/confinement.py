@@ -389,6 +389,14 @@ def check_data_dir_outside(data_dir: Path) -> None:
             )
 
 
+_confined = False
+
+
+def is_confined() -> bool:
+    """Whether :func:`confine` has put this process in its box (for good: it cannot be undone)."""
+    return _confined
+
+
 def confine(policy: Policy) -> None:
     """Confine the calling process for good (see the module docstring). Call it single-threaded."""
     if not sys.platform.startswith("linux"):
@@ -429,6 +437,8 @@ def confine(policy: Policy) -> None:
     import tempfile
 
     tempfile.tempdir = str(policy.scratch)
+    global _confined
+    _confined = True
 
 
 __all__ = [
@@ -437,6 +447,7 @@ __all__ = [
     "apply_limits",
     "check_data_dir_outside",
     "confine",
+    "is_confined",
     "landlock_abi",
     "mapped_bytes",
     "scrubbed_environment",

@@ -110,7 +110,14 @@ def _uses_gpu(spec: JobSpec) -> bool:
 
 
 def _child_job(
-    model_path: Path, spec: JobSpec, out_dir: Path, dataset_path: Path | None, settings: Settings, *, confined: bool
+    model_path: Path,
+    spec: JobSpec,
+    out_dir: Path,
+    dataset_path: Path | None,
+    settings: Settings,
+    *,
+    confined: bool,
+    unconfined_code_allowed: bool = False,
 ) -> ChildJob:
     gpu = _uses_gpu(spec)
     cores = os.cpu_count() or 1
@@ -130,6 +137,7 @@ def _child_job(
         threads=settings.torch_threads,
         gpu=gpu,
         upload_limits=Limits.from_settings(settings).to_json(),
+        unconfined_code_allowed=unconfined_code_allowed,
     )
 
 
@@ -142,7 +150,6 @@ def _run_core(
     settings: Settings,
 ) -> Any:
     from compactor.formats import detect_model_format
-    from compactor.torchscript_code import check_torchscript_code
     from worker.sandbox import confinement_status, run_in_child
 
     progress = _logged_progress(lease)
@@ -150,8 +157,7 @@ def _run_core(
     confined = False
     unconfined_warning: str | None = None
     if detect_model_format(model_path) == "torchscript":
-        # A program: its ops are checked before anything runs, and it runs only confined.
-        check_torchscript_code(model_path)
+        # A program: it runs only confined (the child checks its ops before anything runs).
         status = confinement_status(settings.resolved_data_dir)
         if status.available:
             confined = True
@@ -167,7 +173,9 @@ def _run_core(
                 "upload a state_dict or safetensors file with spec.model.arch, or ask the operator to enable Landlock "
                 "(or, on a host that runs only trusted models, to set COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT=1)"
             )
-    job = _child_job(model_path, spec, out_dir, dataset_path, settings, confined=confined)
+    job = _child_job(
+        model_path, spec, out_dir, dataset_path, settings, confined=confined, unconfined_code_allowed=unconfined_warning is not None
+    )
     result = run_in_child(job, progress=progress, should_stop=lease.should_cancel)
     log.info("job %s: child started in %.3f s (%s)", lease.job_id, result.seconds_to_start, "confined" if confined else "limits only")
     if unconfined_warning is not None:

@@ -139,6 +139,8 @@ class ChildJob:
     gpu: bool = False
     # The upload size limits, the same the gateway checked (compactor/limits.py); None: defaults.
     upload_limits: dict[str, Any] | None = None
+    # The operator let uploaded TorchScript run without confinement (COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT).
+    unconfined_code_allowed: bool = False
 
     def request(self) -> bytes:
         body = asdict(self)
@@ -263,6 +265,7 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
         dataset_path=Path(body["dataset_path"]) if body["dataset_path"] else None,
         progress=progress,
         limits=Limits.from_json(body["upload_limits"]) if body.get("upload_limits") else None,
+        trusted_code=bool(body["unconfined_code_allowed"]),
     )
     artifacts = sorted(Path(p).name for p in result.artifacts.values())
     seconds = time.perf_counter() - body["entered"]

@@ -66,7 +66,7 @@ def _assert_same_outputs(loaded: torch.nn.Module, original: torch.nn.Module, inp
 def test_torchscript_upload_loads_and_matches(tmp_path: Path, tiny_cnn: TinyCNN) -> None:
     path = tmp_path / "upload"
     torch.jit.save(torch.jit.script(tiny_cnn), path)
-    loaded = load_model(path, ModelSpec())
+    loaded = load_model(path, ModelSpec(), trusted_code=True)
     assert loaded.format == "torchscript" and loaded.scripted and loaded.arch is None
     _assert_same_outputs(loaded.module, tiny_cnn, torch.rand(4, 1, 8, 8))
 
@@ -154,7 +154,7 @@ def test_nan_and_inf_weights_are_refused(tmp_path: Path, tiny_cnn: TinyCNN, resn
     scripted = tmp_path / "scripted"
     torch.jit.save(torch.jit.script(tiny_cnn), scripted)
     with pytest.raises(InvalidModel, match="NaN or Inf values in classifier.weight"):
-        load_model(scripted, ModelSpec())
+        load_model(scripted, ModelSpec(), trusted_code=True)
 
     state = resnet18_10.state_dict()
     state["fc.bias"] = torch.full_like(state["fc.bias"], float("inf"))
@@ -173,7 +173,7 @@ def test_parameter_budget_is_checked(tmp_path: Path, tiny_cnn: TinyCNN, resnet18
     small = LoadLimits(max_parameters=1000)
     for path, spec in ((scripted, ModelSpec()), (weights, RESNET18_10)):
         with pytest.raises(ModelTooLarge) as caught:
-            load_model(path, spec, small)
+            load_model(path, spec, small, trusted_code=True)
         assert caught.value.code == "model_too_large"
 
 
@@ -227,5 +227,18 @@ def test_broken_torchscript_code_is_invalid_model(tmp_path: Path, tiny_cnn: Tiny
     assert broke >= 1
     # The code is read before torch ever sees it (the allowlist scan), so that is where it fails.
     with pytest.raises(InvalidModel, match="archive's code cannot be read.*not valid Python syntax") as caught:
-        load_model(broken, ModelSpec())
+        load_model(broken, ModelSpec(), trusted_code=True)
     assert caught.value.code == "invalid_model"
+
+
+def test_uploaded_torchscript_loads_only_in_a_confined_process(tmp_path: Path, tiny_cnn: TinyCNN, monkeypatch) -> None:
+    # This test process is not confined: an upload is refused before torch.jit.load ever sees it.
+    path = tmp_path / "upload"
+    torch.jit.save(torch.jit.script(tiny_cnn), path)
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("torch.jit.load ran on an upload outside a confined process")
+
+    monkeypatch.setattr(torch.jit, "load", never)
+    with pytest.raises(UnsafeModel, match="only inside a confined job process"):
+        load_model(path, ModelSpec())

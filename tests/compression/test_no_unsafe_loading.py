@@ -63,8 +63,8 @@ def test_every_load_of_an_upload_is_weights_only(recorded, tmp_path: Path) -> No
     quick = BenchmarkOptions(warmup=1, runs=1)
     spec = JobSpec.model_validate({"model": {"input_shape": [1, 1, 8, 8]}, "quantize": {"mode": "dynamic"}})
 
-    compress_files(script, spec, tmp_path / "a", dataset_path=dataset_pt, benchmark=quick)
-    compress_files(script, spec, tmp_path / "b", dataset_path=dataset_npz, benchmark=quick)
+    compress_files(script, spec, tmp_path / "a", dataset_path=dataset_pt, benchmark=quick, trusted_code=True)
+    compress_files(script, spec, tmp_path / "b", dataset_path=dataset_npz, benchmark=quick, trusted_code=True)
     compress_files(resnet, JobSpec.model_validate({**resnet_spec, "quantize": {"mode": "dynamic"}}), tmp_path / "c", benchmark=quick)
     with pytest.raises(UnsafeModel):
         compress_files(pickled, spec, tmp_path / "d", benchmark=quick)

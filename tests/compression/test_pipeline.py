@@ -159,7 +159,7 @@ def test_without_a_dataset_quantizes_on_random_inputs_and_says_why_there_is_no_a
 def test_torchscript_upload_unstructured_and_static_int8(tiny_cnn, digits_split, tmp_path) -> None:
     path = tmp_path / "tiny.ts"
     torch.jit.save(torch.jit.script(tiny_cnn), path)
-    loaded = load_model(path, JobSpec().model)
+    loaded = load_model(path, JobSpec().model, trusted_code=True)
     assert loaded.scripted
     spec = _spec(prune={"granularity": "unstructured", "amount": 0.5}, finetune={"epochs": 1}, quantize={"mode": "static"})
     result = compress(loaded, spec, digits_split, out_dir=tmp_path / "out", benchmark=QUICK)
@@ -172,7 +172,7 @@ def test_channel_pruning_of_a_torchscript_upload_is_refused(tiny_cnn, digits_spl
     path = tmp_path / "tiny.ts"
     torch.jit.save(torch.jit.script(tiny_cnn), path)
     with pytest.raises(CompactorError) as info:
-        compress(load_model(path, JobSpec().model), _spec(prune={"granularity": "channel"}), digits_split)
+        compress(load_model(path, JobSpec().model, trusted_code=True), _spec(prune={"granularity": "channel"}), digits_split)
     assert info.value.code == "unsupported_combination" and info.value.field == "prune.granularity"
 
 
@@ -225,7 +225,7 @@ def test_bad_inputs_fail_with_their_code(case: str, code: str, tmp_path: Path) -
         inputs[3, 0, 0, 0] = float("nan")
         torch.save({"inputs": inputs, "targets": torch.zeros(10, dtype=torch.long)}, dataset_path)
     with pytest.raises(CompactorError) as info:
-        compress_files(model_path, spec, tmp_path / "out", dataset_path=dataset_path, benchmark=QUICK)
+        compress_files(model_path, spec, tmp_path / "out", dataset_path=dataset_path, benchmark=QUICK, trusted_code=True)
     assert info.value.code == code, info.value.message
     assert "Traceback" not in info.value.message
 

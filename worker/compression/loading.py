@@ -54,6 +54,7 @@ from compactor.limits import Limits
 from compactor.spec import ModelSpec
 from compactor.torchscript_code import check_torchscript_code
 from worker.compression.graph_check import check_torchscript
+from worker.confinement import is_confined
 
 # Checkpoint dicts from training scripts often wrap the weights under one of these keys.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict")
@@ -119,8 +120,13 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any], *, device: tor
         ) from exc
 
 
-def load_model(path: Path, model_spec: ModelSpec, limits: LoadLimits = LoadLimits()) -> LoadedModel:
+def load_model(path: Path, model_spec: ModelSpec, limits: LoadLimits = LoadLimits(), *, trusted_code: bool = False) -> LoadedModel:
     """Detect, validate and load an uploaded model onto the CPU, in eval mode.
+
+    A TorchScript archive is a program: it loads only in a process confined by
+    ``worker.confinement.confine`` (the worker's job child), unless ``trusted_code`` says the
+    caller vouches for it (its own file in a notebook or a test, or an operator's explicit
+    COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT); otherwise UnsafeModel, before torch sees it.
 
     Raises UnsafeModel, UnsupportedModelFormat, InvalidModel (damaged file,
     NaN/Inf weights, weights that do not fit ``arch``), ModelTooLarge, or
@@ -130,6 +136,11 @@ def load_model(path: Path, model_spec: ModelSpec, limits: LoadLimits = LoadLimit
     detected = detect_model_format(path, limits.archive)
     check_declared_format(model_spec.format, detected)
     if detected == "torchscript":
+        if not (trusted_code or is_confined()):
+            raise UnsafeModel(
+                "an uploaded TorchScript archive is a program and is loaded only inside a confined job process; "
+                "run it through the service, or pass trusted_code=True for a file you wrote yourself"
+            )
         return LoadedModel(module=_load_torchscript(path, limits), format="torchscript", scripted=True, arch=None)
 
     if model_spec.arch is None:

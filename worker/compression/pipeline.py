@@ -108,6 +108,9 @@ def resolve_device(requested: str) -> torch.device:
 
 def _clone(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.jit.ScriptModule):
+        # A deep copy of a ScriptModule has non-leaf parameters (fine-tuning cannot optimise them),
+        # so it is serialized and reloaded: no new code, the same program this process already
+        # loaded — inside the confined child when it is an upload's (loading.load_model).
         buffer = io.BytesIO()
         torch.jit.save(model, buffer)
         buffer.seek(0)
@@ -670,14 +673,20 @@ def compress_files(
     should_cancel: Callable[[], bool] | None = None,
     benchmark: BenchmarkOptions | None = None,
     limits: Limits | None = None,
+    trusted_code: bool = False,
 ) -> CompressionResult:
     """Load an uploaded model (and dataset) within ``limits`` (the gateway's, from Settings),
-    compress it, write the artifacts into ``out_dir``."""
+    compress it, write the artifacts into ``out_dir``.
+
+    A TorchScript file loads only in a confined process (``worker/confinement.py``) unless
+    ``trusted_code``: the caller vouches that it is its own program (a notebook, a test)."""
     start = time.perf_counter()
     limits = limits or Limits()
     if progress is not None:
         progress("load", 0.0)
-    loaded = load_model(Path(model_path), spec.model, LoadLimits(archive=limits.model_archive, max_parameters=limits.max_parameters))
+    loaded = load_model(
+        Path(model_path), spec.model, LoadLimits(archive=limits.model_archive, max_parameters=limits.max_parameters), trusted_code=trusted_code
+    )
     if dataset_path is not None:
         dataset_limits = DatasetLimits(archive=limits.dataset_archive, max_input_elements=limits.max_dataset_input_elements)
         dataset = load_dataset(Path(dataset_path), dataset_limits)
