@@ -340,14 +340,3 @@ def oom_score(pid: int) -> int:
         return int(Path(f"/proc/{pid}/oom_score").read_text())
     except (OSError, ValueError):
         return -1
-
-
-def resident_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

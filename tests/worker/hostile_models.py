@@ -72,6 +72,32 @@ def never_returns() -> nn.Module:
     return torch.jit.script(NeverReturns().eval())
 
 
+def slow_to_load() -> nn.Module:
+    """Its ``__setstate__``, which ``torch.jit.load`` runs, spins for hours: a loader that hangs."""
+
+    class SlowToLoad(_Head):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spins = 1_000_000_000_000
+
+        @torch.jit.export
+        def __getstate__(self) -> tuple[int, bool]:
+            return (self.spins, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[int, bool]) -> None:
+            total = 0.0
+            for _ in range(state[0]):
+                total = total + 1.0
+            self.spins = state[0]
+            self.training = state[1]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits(x)
+
+    return torch.jit.script(SlowToLoad().eval())
+
+
 def eats_memory() -> nn.Module:
     """Allocates 64 MiB blocks until something gives."""
 

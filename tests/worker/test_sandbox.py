@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -38,16 +39,21 @@ def good_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_torchscript_model(tmp_path_factory.mktemp("sandbox") / "tiny.ts")
 
 
-def make_parts(tmp_path: Path, **overrides: object) -> tuple[Settings, JobStore, LocalStorage]:
+@contextmanager
+def parts_with(tmp_path: Path, **overrides: object) -> Iterator[tuple[Settings, JobStore, LocalStorage]]:
+    """A worker's settings (with ``overrides``), a SQLite store and storage under ``tmp_path``."""
     settings = Settings(data_dir=tmp_path / "data", lease_seconds=3.0, heartbeat_seconds=0.2, **overrides)
-    return settings, open_store(settings.effective_store_url), LocalStorage(settings.resolved_data_dir)
+    store = open_store(settings.effective_store_url)
+    try:
+        yield settings, store, LocalStorage(settings.resolved_data_dir)
+    finally:
+        store.close()
 
 
 @pytest.fixture()
 def parts(tmp_path: Path) -> Iterator[tuple[Settings, JobStore, LocalStorage]]:
-    settings, store, storage = make_parts(tmp_path)
-    yield settings, store, storage
-    store.close()
+    with parts_with(tmp_path) as made:
+        yield made
 
 
 def job_children() -> list[int]:
@@ -137,8 +143,7 @@ def test_cancel_stops_a_job_stuck_in_its_forward_pass_at_once(parts, tmp_path: P
 
 
 def test_the_time_limit_stops_a_job_stuck_in_its_forward_pass(tmp_path: Path, good_archive: Path) -> None:
-    settings, store, storage = make_parts(tmp_path, job_soft_time_limit=3.0, job_hard_time_limit=60.0)
-    try:
+    with parts_with(tmp_path, job_soft_time_limit=3.0, job_hard_time_limit=60.0) as (settings, store, storage):
         stuck = create_job(store, storage, hostile_models.save(hostile_models.never_returns(), tmp_path / "stuck.ts"), QUICK_SPEC)
         started = time.monotonic()
         assert execute_job(stuck.id, store, storage, settings, "me") is Outcome.finished
@@ -149,8 +154,6 @@ def test_the_time_limit_stops_a_job_stuck_in_its_forward_pass(tmp_path: Path, go
         # The same worker goes on (with a limit a normal job fits in on two busy cores).
         relaxed = settings.model_copy(update={"job_soft_time_limit": 600.0, "job_hard_time_limit": 660.0})
         assert_next_job_runs(store, storage, relaxed, good_archive)
-    finally:
-        store.close()
 
 
 def test_a_crash_of_the_child_fails_the_job_and_the_next_runs(parts, tmp_path: Path, good_archive: Path) -> None:
@@ -169,27 +172,23 @@ def test_a_crash_of_the_child_fails_the_job_and_the_next_runs(parts, tmp_path: P
 
 
 def test_memory_exhaustion_in_the_child_fails_the_job_and_the_next_runs(tmp_path: Path, good_archive: Path) -> None:
-    settings, store, storage = make_parts(tmp_path, job_memory_bytes=1024**3)
-    try:
+    with parts_with(tmp_path, job_memory_bytes=1024**3) as (settings, store, storage):
         hog = create_job(store, storage, hostile_models.save(hostile_models.eats_memory(), tmp_path / "hog.ts"), QUICK_SPEC)
         assert execute_job(hog.id, store, storage, settings, "me") is Outcome.finished
         job = store.get_job(hog.id)
         assert job.status is JobStatus.failed and job.error.code == "invalid_model", job
         assert "memory" in job.error.message and "COMPACTOR_JOB_MEMORY_BYTES" in job.error.message
         assert_next_job_runs(store, storage, settings, good_archive)
-    finally:
-        store.close()
 
 
-def test_a_load_that_takes_too_long_is_invalid_model(tmp_path: Path, good_archive: Path) -> None:
-    settings, store, storage = make_parts(tmp_path, torchscript_probe_seconds=0.01)
-    try:
-        job = create_job(store, storage, good_archive, QUICK_SPEC)
-        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
-        done = store.get_job(job.id)
+def test_a_load_that_takes_too_long_is_invalid_model(tmp_path: Path) -> None:
+    with parts_with(tmp_path, torchscript_probe_seconds=1.0) as (settings, store, storage):
+        hang = create_job(store, storage, hostile_models.save(hostile_models.slow_to_load(), tmp_path / "hang.ts"), QUICK_SPEC)
+        started = time.monotonic()
+        assert execute_job(hang.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(hang.id)
         assert done.status is JobStatus.failed and done.error.code == "invalid_model" and "longer than" in done.error.message
-    finally:
-        store.close()
+        assert time.monotonic() - started < 10
 
 
 # ------------------------------------------------------------------ the three attacks, through the worker
@@ -324,25 +323,19 @@ def test_without_confinement_a_torchscript_job_is_refused_naming_the_setting(no_
 
 
 def test_the_operator_opt_out_runs_it_unconfined_and_the_report_says_so(no_landlock, tmp_path: Path, good_archive: Path) -> None:
-    settings, store, storage = make_parts(tmp_path, allow_unconfined_torchscript=True)
-    try:
+    with parts_with(tmp_path, allow_unconfined_torchscript=True) as (settings, store, storage):
         job = create_job(store, storage, good_archive, QUICK_SPEC)
         assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
         done = store.get_job(job.id)
         assert done.status is JobStatus.succeeded, done
         assert any("without kernel confinement" in warning for warning in done.metrics["warnings"])
-    finally:
-        store.close()
 
 
 def test_the_configured_parameter_limit_reaches_the_job_child(tmp_path: Path, good_archive: Path) -> None:
     # COMPACTOR_MAX_PARAMETERS used to be read by nothing; the child now loads within Settings' limits.
-    settings, store, storage = make_parts(tmp_path, max_parameters=100)
-    try:
+    with parts_with(tmp_path, max_parameters=100) as (settings, store, storage):
         job = create_job(store, storage, good_archive, QUICK_SPEC)
         assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
         done = store.get_job(job.id)
         assert done.status is JobStatus.failed and done.error.code == "model_too_large", done
         assert "100 parameters" in done.error.message
-    finally:
-        store.close()
