@@ -191,6 +191,7 @@ def _send(conn: Connection, message: dict[str, Any]) -> None:
 def _error_document(exc: BaseException) -> dict[str, Any]:
     from pydantic import ValidationError
 
+    from worker.compression.pipeline import is_memory_exhaustion
     from worker.confinement import ConfinementError
 
     if isinstance(exc, CompactorError):
@@ -199,17 +200,11 @@ def _error_document(exc: BaseException) -> dict[str, Any]:
         return {"code": "confinement_unavailable", "message": f"the job's process could not be confined: {exc}"}
     if isinstance(exc, ValidationError):
         return {"code": "invalid_spec", "message": f"the stored spec is not valid: {exc.error_count()} error(s)"}
-    if _is_memory_error(exc):
+    if is_memory_exhaustion(exc):
         lines = [line for line in str(exc).splitlines() if "allocate" in line] or ["MemoryError"]
         return {"code": "memory_exhausted", "message": lines[-1].strip()[:300]}
     traceback.print_exc()
     return {"code": "internal_error", "message": f"an internal error stopped the job ({type(exc).__name__})"}
-
-
-def _is_memory_error(exc: BaseException) -> bool:
-    from worker.compression.pipeline import is_memory_exhaustion
-
-    return is_memory_exhaustion(exc)
 
 
 def _run_child(conn: Connection, body: dict[str, Any]) -> None:
