@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compactor.catalogue import CRITERIA, MODEL_FORMATS
 from compactor.errors import InvalidSpec, UnsupportedCombination
 from compactor.spec import JobSpec
-
-GRADIENT_CRITERIA = frozenset({"gradient", "taylor", "hessian"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ def check_compatibility(
     if model_format is not None:
         check_declared_format(spec.model.format, model_format)
 
-    if model_format in ("state_dict", "safetensors") and not spec.model.arch and not architecture_built:
+    facts = MODEL_FORMATS.get(model_format) if model_format is not None else None
+    if facts is not None and facts.needs_arch and not spec.model.arch and not architecture_built:
         raise InvalidSpec(
             f"a {model_format} upload holds only weights: name the architecture in spec.model.arch "
             "(a torchvision classification builder such as 'resnet18') with spec.model.arch_kwargs "
@@ -48,13 +48,8 @@ def check_compatibility(
         )
 
     prune = spec.prune
-    if prune is not None and prune.granularity == "channel" and model_format == "torchscript":
-        raise UnsupportedCombination(
-            "channel pruning rebuilds the architecture, which a TorchScript archive cannot do: use "
-            "prune.granularity 'unstructured' with this upload, or upload a state_dict (or .safetensors) "
-            "with spec.model.arch to prune whole channels",
-            field="prune.granularity",
-        )
+    if prune is not None and prune.granularity == "channel" and facts is not None and facts.opaque_architecture:
+        raise UnsupportedCombination(channel_pruning_refused(model_format), field="prune.granularity")
 
     if spec.target is not None and (dataset is None or not dataset.has_targets):
         why = "no dataset was given" if dataset is None else "the dataset has no 'targets'"
@@ -65,7 +60,7 @@ def check_compatibility(
         )
 
     if dataset is None:
-        if prune is not None and prune.criterion in GRADIENT_CRITERIA:
+        if prune is not None and CRITERIA[prune.criterion].needs_data:
             raise UnsupportedCombination(
                 f"prune.criterion {prune.criterion!r} scores weights by gradients over data, and random "
                 "inputs cannot score a model: upload a dataset, or use criterion 'magnitude' (or 'random')",
@@ -78,3 +73,13 @@ def check_compatibility(
                 field="finetune",
             )
     # Fine-tuning on a dataset without targets is allowed: the worker distils from the original model.
+
+
+def channel_pruning_refused(model_format: str | None) -> str:
+    """Why a model whose architecture is a compiled program cannot lose channels, and what can."""
+    what = f"a {model_format} upload" if model_format else "a compiled (TorchScript) model"
+    return (
+        f"channel pruning rebuilds the architecture, which {what} cannot do: use "
+        "prune.granularity 'unstructured' with this upload, or upload a state_dict (or .safetensors) "
+        "with spec.model.arch to prune whole channels"
+    )

@@ -8,10 +8,11 @@ silently turns a stage off.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 ModelFormat = Literal["auto", "torchscript", "state_dict", "safetensors"]
 Criterion = Literal["magnitude", "gradient", "taylor", "hessian", "random"]
@@ -89,11 +90,37 @@ class FinetuneSpec(_Section):
     distill: DistillSpec | None = Field(default_factory=DistillSpec)
 
 
-class QuantizeSpec(_Section):
-    mode: QuantMode = "static"
+class StaticQuantizeSpec(_Section):
+    """INT8 weights and activations; activation ranges calibrated on data batches."""
+
+    mode: Literal["static"] = "static"
     backend: QuantBackend = "x86"
     calibration_batches: int = Field(default=8, ge=1, le=10000)
     per_channel: bool = True
+
+
+class DynamicQuantizeSpec(_Section):
+    """INT8 Linear/RNN weights; activations quantized per batch at run time (no calibration)."""
+
+    mode: Literal["dynamic"]
+    backend: QuantBackend = "x86"
+    per_channel: bool = True
+
+
+def _default_quant_mode(value: Any) -> Any:
+    # {"quantize": {}} has always meant static INT8; the union needs its tag to pick a member.
+    if isinstance(value, dict) and "mode" not in value:
+        return {**value, "mode": "static"}
+    return value
+
+
+# One section type per mode (the worker's passes are keyed by it); the wire form is unchanged:
+# {"mode": "static", ...} or {"mode": "dynamic", ...}, mode defaulting to static.
+QuantizeSpec = Annotated[
+    StaticQuantizeSpec | DynamicQuantizeSpec,
+    Field(discriminator="mode"),
+    BeforeValidator(_default_quant_mode),
+]
 
 
 class TargetSpec(_Section):
@@ -150,6 +177,25 @@ class JobSpec(_Section):
         if self.target is not None and self.prune is None:
             raise ValueError("target.max_accuracy_drop searches a prune amount: add a 'prune' section (its amount is the upper bound)")
         return self
+
+
+# Sections that are a union tagged by a field: pydantic names the member in an error's location
+# (quantize.dynamic.per_channel), which is not a field the client wrote.
+_TAGGED_SECTIONS: dict[str, frozenset[str]] = {"quantize": frozenset(get_args(QuantMode))}
+
+
+def error_location(error: Mapping[str, Any]) -> list[int | str]:
+    """A pydantic error's location as the client wrote the spec: a union's tag is not a field the
+    client wrote (quantize.dynamic.per_channel → quantize.per_channel), and an unknown tag is
+    the tag field's fault (quantize → quantize.mode)."""
+    parts = list(error.get("loc", ()))
+    if len(parts) > 1 and parts[1] in _TAGGED_SECTIONS.get(str(parts[0]), frozenset()):
+        del parts[1]
+    if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        discriminator = str((error.get("ctx") or {}).get("discriminator", "")).strip("'\"")
+        if discriminator:
+            parts.append(discriminator)
+    return parts
 
 
 def parse_spec(data: dict[str, Any] | str | bytes | None) -> JobSpec:

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from compactor.spec import error_location
 from compactor.errors import CompactorError
 from compactor.queue import BrokerUnavailable
 from compactor.store.base import StoreUnavailable
@@ -132,7 +133,7 @@ def _loc(parts: Any) -> list[str | int]:
 
 
 def spec_errors(exc: ValidationError, prefix: tuple[str, ...] = ("spec",)) -> list[dict[str, Any]]:
-    return [{"loc": [*prefix, *_loc(e.get("loc", ()))], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+    return [{"loc": [*prefix, *_loc(error_location(e))], "msg": str(e.get("msg", ""))} for e in exc.errors()]
 
 
 async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -118,6 +118,7 @@ def _child_job(
     *,
     confined: bool,
     unconfined_code_allowed: bool = False,
+    model_format: str | None = None,
 ) -> ChildJob:
     gpu = _uses_gpu(spec)
     cores = os.cpu_count() or 1
@@ -138,6 +139,7 @@ def _child_job(
         gpu=gpu,
         upload_limits=Limits.from_settings(settings).to_json(),
         unconfined_code_allowed=unconfined_code_allowed,
+        model_format=model_format,
     )
 
 
@@ -149,6 +151,7 @@ def _run_core(
     lease: LeaseKeeper,
     settings: Settings,
 ) -> Any:
+    from compactor.catalogue import runs_uploaded_code
     from compactor.formats import detect_model_format
     from worker.sandbox import confinement_status, run_in_child
 
@@ -156,7 +159,8 @@ def _run_core(
     progress("load", 0.0)
     confined = False
     unconfined_warning: str | None = None
-    if detect_model_format(model_path) == "torchscript":
+    model_format = detect_model_format(model_path)
+    if runs_uploaded_code(model_format):
         # A program: it runs only confined (the child checks its ops before anything runs).
         status = confinement_status(settings.resolved_data_dir)
         if status.available:
@@ -174,7 +178,14 @@ def _run_core(
                 "(or, on a host that runs only trusted models, to set COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT=1)"
             )
     job = _child_job(
-        model_path, spec, out_dir, dataset_path, settings, confined=confined, unconfined_code_allowed=unconfined_warning is not None
+        model_path,
+        spec,
+        out_dir,
+        dataset_path,
+        settings,
+        confined=confined,
+        unconfined_code_allowed=unconfined_warning is not None,
+        model_format=model_format,
     )
     result = run_in_child(job, progress=progress, should_stop=lease.should_cancel)
     log.info("job %s: child started in %.3f s (%s)", lease.job_id, result.seconds_to_start, "confined" if confined else "limits only")

@@ -45,15 +45,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from compactor import errors
+from compactor import catalogue, errors
 from compactor.errors import Cancelled, CompactorError, InvalidModel
 
 log = logging.getLogger(__name__)
 
 # A progress or result message larger than this is the child misbehaving.
 MAX_MESSAGE_BYTES = 32 * 1024**2
-# Artifacts a job may hand back; anything else in the scratch directory is ignored.
-ARTIFACT_NAMES = frozenset({"model.ts", "model.pt", "model.pt2", "model.onnx", "model.int8.onnx", "report.json"})
+# Artifacts a job may hand back (the catalogue's exporters and the report); anything else in
+# the scratch directory is ignored.
+ARTIFACT_NAMES = catalogue.ARTIFACT_NAMES
 POLL_SECONDS = 0.1
 # Progress messages per second the child sends at most (stage changes always go through).
 PROGRESS_RATE = 10.0
@@ -141,6 +142,8 @@ class ChildJob:
     upload_limits: dict[str, Any] | None = None
     # The operator let uploaded TorchScript run without confinement (COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT).
     unconfined_code_allowed: bool = False
+    # The upload's format as the worker detected it (and decided confinement by); None: detect.
+    model_format: str | None = None
 
     def request(self) -> bytes:
         body = asdict(self)
@@ -261,6 +264,7 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
         progress=progress,
         limits=Limits.from_json(body["upload_limits"]) if body.get("upload_limits") else None,
         trusted_code=bool(body["unconfined_code_allowed"]),
+        model_format=body.get("model_format"),
     )
     artifacts = sorted(Path(p).name for p in result.artifacts.values())
     seconds = time.perf_counter() - body["entered"]

@@ -43,7 +43,7 @@ def test_registry_holds_the_five_builtins() -> None:
     for name, cls in CRITERIA.items():
         assert cls.name == name
         assert isinstance(get_criterion(name), Criterion)
-    assert {name for name, cls in CRITERIA.items() if cls.needs_data} == {"gradient", "taylor", "hessian"}
+    assert {name for name, cls in CRITERIA.items() if cls.facts().needs_data} == {"gradient", "taylor", "hessian"}
     with pytest.raises(InvalidSpec) as caught:
         get_criterion("l1-norm")
     assert caught.value.field == "prune.criterion"

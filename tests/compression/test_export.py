@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from compactor.spec import QuantizeSpec
+from compactor.spec import StaticQuantizeSpec
 from tests.helpers import TinyCNN, batches_of, top1
 from worker.compression.context import RunContext
 from worker.compression.export import save_state_dict, save_torchscript, to_torchscript, verify_reload
@@ -26,7 +26,7 @@ def _int8_tiny_cnn(tiny_cnn: TinyCNN, digits, backend: str = "x86") -> nn.Module
     train_x, train_y, test_x, _ = digits
     return quantize(
         tiny_cnn,
-        QuantizeSpec(backend=backend, calibration_batches=2),
+        StaticQuantizeSpec(backend=backend, calibration_batches=2),
         example_inputs=test_x[:1],
         calibration=batches_of(train_x, train_y),
         ctx=RunContext(),

@@ -282,9 +282,3 @@ def test_compress_refuses_what_the_gateway_refuses_with_the_same_words(tiny_cnn)
         compress(tiny_cnn, _spec(prune={"criterion": "taylor", "granularity": "unstructured"}), None, benchmark=QUICK)
     assert info.value.field == "prune.criterion"
 
-
-def test_the_gateways_gradient_criteria_are_the_cores_criteria_that_need_data() -> None:
-    from compactor.compat import GRADIENT_CRITERIA
-    from worker.compression.criteria import CRITERIA
-
-    assert GRADIENT_CRITERIA == {name for name, cls in CRITERIA.items() if cls.needs_data}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compactor.errors import Cancelled, InvalidDataset, InvalidSpec, UnsupportedCombination
-from compactor.spec import QuantizeSpec
+from compactor.spec import DynamicQuantizeSpec, StaticQuantizeSpec
 from tests.helpers import batches_of, top1
 from worker.compression.context import RunContext
 from worker.compression.export import to_torchscript
@@ -34,7 +34,7 @@ def test_static_int8_keeps_accuracy_and_shrinks_torchscript(tiny_cnn, digits, ba
 
     result = quantize(
         tiny_cnn,
-        QuantizeSpec(mode="static", backend=backend, per_channel=per_channel, calibration_batches=CALIBRATION_BATCHES),
+        StaticQuantizeSpec(backend=backend, per_channel=per_channel, calibration_batches=CALIBRATION_BATCHES),
         example_inputs=test_x[:1],
         calibration=_calibration(digits),
         ctx=ctx,
@@ -61,7 +61,7 @@ def test_static_int8_of_torchscript_upload_uses_graph_mode(tiny_cnn, digits) -> 
 
     result = quantize(
         scripted,
-        QuantizeSpec(calibration_batches=CALIBRATION_BATCHES),
+        StaticQuantizeSpec(calibration_batches=CALIBRATION_BATCHES),
         example_inputs=test_x[:1],
         calibration=_calibration(digits),
         ctx=RunContext(),
@@ -94,7 +94,7 @@ def test_static_falls_back_to_submodules_when_fx_cannot_trace(tiny_cnn, digits) 
     model = _RankFlexibleNet(tiny_cnn).eval()
 
     result = quantize(
-        model, QuantizeSpec(calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx
+        model, StaticQuantizeSpec(calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx
     )
 
     assert result.method == "fx_per_submodule"
@@ -122,7 +122,7 @@ def test_dynamic_int8_shrinks_lstm_mlp_and_names_convs_as_float() -> None:
     sequences = torch.randn(4, 12, 8)
 
     result = quantize(
-        model, QuantizeSpec(mode="dynamic"), example_inputs=sequences[:1], calibration=batches_of(sequences, None), ctx=RunContext()
+        model, DynamicQuantizeSpec(mode="dynamic"), example_inputs=sequences[:1], calibration=batches_of(sequences, None), ctx=RunContext()
     )
 
     assert (result.mode, result.method, result.calibration_batches_used) == ("dynamic", "eager", 0)
@@ -138,7 +138,7 @@ def test_dynamic_int8_shrinks_lstm_mlp_and_names_convs_as_float() -> None:
 
 def test_dynamic_int8_of_tiny_cnn_lists_every_conv(tiny_cnn, digits) -> None:
     _, _, test_x, test_y = digits
-    result = quantize(tiny_cnn, QuantizeSpec(mode="dynamic"), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=RunContext())
+    result = quantize(tiny_cnn, DynamicQuantizeSpec(mode="dynamic"), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=RunContext())
 
     assert [layer["name"] for layer in result.float_layers] == ["features.0", "features.3", "features.7"]
     assert top1(result.model, test_x, test_y) >= top1(tiny_cnn, test_x, test_y) - 0.02
@@ -150,7 +150,7 @@ def test_dynamic_int8_of_scripted_mlp_uses_graph_mode() -> None:
     inputs = torch.randn(4, 64)
 
     result = quantize(
-        torch.jit.script(mlp), QuantizeSpec(mode="dynamic"), example_inputs=inputs[:1], calibration=batches_of(inputs, None), ctx=RunContext()
+        torch.jit.script(mlp), DynamicQuantizeSpec(mode="dynamic"), example_inputs=inputs[:1], calibration=batches_of(inputs, None), ctx=RunContext()
     )
 
     assert result.method == "torchscript_graph"
@@ -162,21 +162,21 @@ def test_dynamic_on_a_model_without_linear_layers_is_refused() -> None:
     convs_only = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
     inputs = torch.randn(2, 1, 8, 8)
     with pytest.raises(UnsupportedCombination, match="static"):
-        quantize(convs_only, QuantizeSpec(mode="dynamic"), example_inputs=inputs[:1], calibration=batches_of(inputs, None), ctx=RunContext())
+        quantize(convs_only, DynamicQuantizeSpec(mode="dynamic"), example_inputs=inputs[:1], calibration=batches_of(inputs, None), ctx=RunContext())
 
 
 def test_static_without_calibration_data_is_an_invalid_dataset(tiny_cnn, digits) -> None:
     _, _, test_x, _ = digits
     empty = batches_of(test_x[:0], None)
     with pytest.raises(InvalidDataset):
-        quantize(tiny_cnn, QuantizeSpec(), example_inputs=test_x[:1], calibration=empty, ctx=RunContext())
+        quantize(tiny_cnn, StaticQuantizeSpec(), example_inputs=test_x[:1], calibration=empty, ctx=RunContext())
 
 
 def test_static_stops_between_batches_when_cancelled(tiny_cnn, digits) -> None:
     _, _, test_x, _ = digits
     with pytest.raises(Cancelled):
         quantize(
-            tiny_cnn, QuantizeSpec(), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=RunContext(should_cancel=lambda: True)
+            tiny_cnn, StaticQuantizeSpec(), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=RunContext(should_cancel=lambda: True)
         )
 
 
@@ -184,12 +184,12 @@ def test_progress_is_monotonic_and_reaches_one(tiny_cnn, digits) -> None:
     _, _, test_x, _ = digits
     seen: list[float] = []
     ctx = RunContext(progress=lambda stage, fraction: seen.append(fraction))
-    quantize(tiny_cnn, QuantizeSpec(backend="qnnpack", calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx)
+    quantize(tiny_cnn, StaticQuantizeSpec(backend="qnnpack", calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx)
     assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 1.0
 
 
 def test_registry_knows_both_modes_and_rejects_unknown_ones(tiny_cnn, digits) -> None:
     assert available_modes() == ["dynamic", "static"]
-    spec = QuantizeSpec.model_construct(mode="int4", backend="x86", calibration_batches=1, per_channel=True)
+    spec = StaticQuantizeSpec.model_construct(mode="int4", backend="x86", calibration_batches=1, per_channel=True)
     with pytest.raises(InvalidSpec):
         quantize(tiny_cnn, spec, example_inputs=digits[2][:1], calibration=_calibration(digits), ctx=RunContext())

@@ -25,7 +25,7 @@ import pickle
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from compactor.catalogue import MODEL_FORMATS
 from compactor.errors import (
     SAFE_MODEL_FORMATS_HINT,
     InvalidModel,
@@ -120,44 +121,81 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any], *, device: tor
         ) from exc
 
 
-def load_model(path: Path, model_spec: ModelSpec, limits: LoadLimits = LoadLimits(), *, trusted_code: bool = False) -> LoadedModel:
+def load_model(
+    path: Path,
+    model_spec: ModelSpec,
+    limits: LoadLimits = LoadLimits(),
+    *,
+    trusted_code: bool = False,
+    detected_format: str | None = None,
+) -> LoadedModel:
     """Detect, validate and load an uploaded model onto the CPU, in eval mode.
 
-    A TorchScript archive is a program: it loads only in a process confined by
-    ``worker.confinement.confine`` (the worker's job child), unless ``trusted_code`` says the
-    caller vouches for it (its own file in a notebook or a test, or an operator's explicit
-    COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT); otherwise UnsafeModel, before torch sees it.
+    ``detected_format``: the format the caller already detected from these bytes (the worker
+    does, to decide on confinement), so the file is not sniffed twice.
+
+    A format whose loading runs the upload's code (``runs_uploaded_code`` in the catalogue:
+    TorchScript) loads only in a process confined by ``worker.confinement.confine`` (the
+    worker's job child), unless ``trusted_code`` says the caller vouches for it (its own file
+    in a notebook or a test, or an operator's explicit COMPACTOR_ALLOW_UNCONFINED_TORCHSCRIPT);
+    otherwise UnsafeModel, before torch sees it.
 
     Raises UnsafeModel, UnsupportedModelFormat, InvalidModel (damaged file,
     NaN/Inf weights, weights that do not fit ``arch``), ModelTooLarge, or
     InvalidSpec (declared format contradicts the file; arch missing or
     unknown; arch_kwargs the builder refuses).
     """
-    detected = detect_model_format(path, limits.archive)
+    detected = detected_format or detect_model_format(path, limits.archive)
     check_declared_format(model_spec.format, detected)
-    if detected == "torchscript":
-        if not (trusted_code or is_confined()):
-            raise UnsafeModel(
-                "an uploaded TorchScript archive is a program and is loaded only inside a confined job process; "
-                "run it through the service, or pass trusted_code=True for a file you wrote yourself"
-            )
-        return LoadedModel(module=_load_torchscript(path, limits), format="torchscript", scripted=True, arch=None)
-
-    if model_spec.arch is None:
+    facts = MODEL_FORMATS[detected]
+    if facts.runs_uploaded_code and not (trusted_code or is_confined()):
+        raise UnsafeModel(
+            f"an uploaded {detected} archive is a program and is loaded only inside a confined job process; "
+            "run it through the service, or pass trusted_code=True for a file you wrote yourself"
+        )
+    if facts.needs_arch and model_spec.arch is None:
         raise InvalidSpec(
             f"a {detected} upload holds weights only: set model.arch to the torchvision builder they belong to "
             "(e.g. 'resnet18') and model.arch_kwargs to how it was built (e.g. {'num_classes': 10}), "
             "or upload a TorchScript archive instead",
             field="model.arch",
         )
-    if detected == "safetensors":
-        header = read_safetensors_header(path, limits.archive)
-        _check_parameter_budget(sum(entry.numel for entry in header.values()), limits, "the safetensors file")
-        state_dict = _load_safetensors(path)
-    else:
-        state_dict = _load_state_dict(path, limits)
-    module = _module_from_state_dict(state_dict, model_spec.arch, model_spec.arch_kwargs, limits)
-    return LoadedModel(module=module, format=detected, scripted=False, arch=model_spec.arch)
+    module = _READERS[detected](path, model_spec, limits)
+    return LoadedModel(
+        module=module,
+        format=detected,
+        scripted=isinstance(module, torch.jit.ScriptModule),
+        arch=model_spec.arch if facts.needs_arch else None,
+    )
+
+
+def _read_safetensors(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+    assert model_spec.arch is not None
+    header = read_safetensors_header(path, limits.archive)
+    _check_parameter_budget(sum(entry.numel for entry in header.values()), limits, "the safetensors file")
+    return _module_from_state_dict(_load_safetensors(path), model_spec.arch, model_spec.arch_kwargs, limits)
+
+
+def _read_state_dict(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+    assert model_spec.arch is not None
+    return _module_from_state_dict(_load_state_dict(path, limits), model_spec.arch, model_spec.arch_kwargs, limits)
+
+
+def _read_torchscript(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+    return _load_torchscript(path, limits)
+
+
+# One reader per format of the catalogue (compactor.catalogue.MODEL_FORMATS), same names.
+ModelReader = Callable[[Path, ModelSpec, LoadLimits], nn.Module]
+_READERS: dict[str, ModelReader] = {
+    "torchscript": _read_torchscript,
+    "state_dict": _read_state_dict,
+    "safetensors": _read_safetensors,
+}
+
+
+def model_readers() -> frozenset[str]:
+    return frozenset(_READERS)
 
 
 # --------------------------------------------------------------- torchscript

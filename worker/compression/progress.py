@@ -4,17 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# Relative cost of each stage, used only to spread the progress bar sensibly.
-STAGE_WEIGHTS: dict[str, float] = {
-    "load": 1.0,
-    "score": 2.0,
-    "prune": 1.0,
-    "finetune": 10.0,  # per epoch
-    "quantize": 3.0,
-    "evaluate": 2.0,
-    "benchmark": 5.0,
-    "export": 2.0,
-}
+# Stage weights are the catalogue's (compactor.catalogue.STAGES).
 
 # The job reaches 1.0 when it has succeeded, which the worker records, not the core.
 CEILING = 0.99

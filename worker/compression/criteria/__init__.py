@@ -3,14 +3,17 @@
     from worker.compression.criteria import get_criterion
     scores = get_criterion("taylor").score(model, parameters, batches, ctx, max_batches=8)
 
-A new criterion is one file with a ``Criterion`` subclass plus one
-``register_criterion`` line below.
+A new criterion is its facts in ``compactor/catalogue.py``, the literal in
+``compactor/spec.py``, one file with a ``Criterion`` subclass and one
+``register_criterion`` line below; registration refuses a name the catalogue
+does not declare.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from compactor.catalogue import CRITERIA as CRITERION_FACTS
 from compactor.errors import InvalidSpec
 from worker.compression.criteria.base import Criterion
 from worker.compression.criteria.gradient import GradientCriterion
@@ -24,6 +27,8 @@ CRITERIA: dict[str, type[Criterion]] = {}
 
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:
     """Register a Criterion subclass under its ``name``; usable as a class decorator."""
+    if cls.name not in CRITERION_FACTS:
+        raise ValueError(f"criterion {cls.name!r} is not declared in compactor.catalogue.CRITERIA")
     existing = CRITERIA.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"criterion name {cls.name!r} is already taken by {existing.__qualname__}")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compactor.catalogue import CRITERIA, CriterionFacts
 from compactor.errors import CompressionFailed, InvalidDataset, InvalidSpec
 from worker.compression.context import BatchSource, RunContext, limited
 
@@ -26,10 +27,14 @@ GradientTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Criterion(abc.ABC):
-    """Scores parameters element-wise; subclasses set ``name`` and ``needs_data``."""
+    """Scores parameters element-wise; subclasses set ``name``, declared in ``compactor.catalogue``
+    with its facts (``needs_data``), which are read from there, not restated here."""
 
     name: ClassVar[str]
-    needs_data: ClassVar[bool]
+
+    @classmethod
+    def facts(cls) -> CriterionFacts:
+        return CRITERIA[cls.name]
 
     @abc.abstractmethod
     def score(
@@ -45,9 +50,8 @@ class Criterion(abc.ABC):
 
 class GradientTermCriterion(Criterion):
     """A criterion built from per-batch gradients: accumulate ``term(w, g)`` over the batches,
-    then ``finish(total, batches_used, w)``. A new gradient criterion defines just those two."""
-
-    needs_data: ClassVar[bool] = True
+    then ``finish(total, batches_used, w)``. A new gradient criterion defines just those two
+    (and is declared ``needs_data=True`` in the catalogue)."""
 
     @abc.abstractmethod
     def term(self, weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from worker.compression.criteria.base import SCORE_STAGE, Criterion, to_scores
 
 class MagnitudeCriterion(Criterion):
     name = "magnitude"
-    needs_data = False
 
     def score(
         self,

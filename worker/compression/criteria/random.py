@@ -11,7 +11,6 @@ from worker.compression.criteria.base import SCORE_STAGE, Criterion
 
 class RandomCriterion(Criterion):
     name = "random"
-    needs_data = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

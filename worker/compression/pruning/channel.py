@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compactor.compat import channel_pruning_refused
 from compactor.errors import CompressionFailed, InvalidSpec, UnsupportedCombination
 from worker.compression.context import RunContext
 from worker.compression.pruning.layers import find_head, is_weighted_layer, out_channels, prunable_layers
@@ -206,11 +207,7 @@ def prune_channels(
     than ``MAX_LAYER_PRUNING_RATIO`` of its channels in one call.
     """
     if isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedCombination(
-            "channel pruning changes the architecture, which a TorchScript upload cannot do: "
-            "use granularity 'unstructured', or upload a state_dict with spec.model.arch",
-            field="prune.granularity",
-        )
+        raise UnsupportedCombination(channel_pruning_refused("torchscript"), field="prune.granularity")
     if not 0.0 <= amount < 1.0:
         raise InvalidSpec(f"prune.amount must be in [0, 1), got {amount}", field="prune.amount")
     if scope not in ("global", "layer"):

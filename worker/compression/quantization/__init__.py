@@ -8,24 +8,28 @@ modified (handlers work on a CPU copy, since INT8 kernels are CPU kernels).
 Conv/Linear layer left in FP32 and why, so a report never calls a model INT8
 where it is not.
 
-A new mode is one new module that defines a handler with the ``Quantizer``
-signature plus one ``register_quantizer`` line at the bottom of this file.
+A new mode is its facts in ``compactor/catalogue.py``, a spec section in
+``compactor/spec.py``, one module that defines a handler with the ``Quantizer``
+signature and one ``register_quantizer`` line at the bottom of this file.
 Every call into ``torch.ao.quantization`` lives in ``ao_backend``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from compactor.catalogue import QUANT_MODES
 from compactor.errors import CompactorError, CompressionFailed, InvalidSpec
 from compactor.spec import QuantizeSpec
 from worker.compression.context import BatchSource, RunContext
 
 STAGE = "quantize"
+
+_Section_contra = TypeVar("_Section_contra", contravariant=True)
 
 
 @dataclass
@@ -40,12 +44,19 @@ class QuantizationResult:
     # Which route produced the model, e.g. "fx", "fx_per_submodule", "torchscript_graph", "eager".
     method: str = ""
 
+    @property
+    def runs_on(self) -> torch.device:
+        """Where the INT8 model runs (its kernels exist only there): evaluate and benchmark it there."""
+        return torch.device(QUANT_MODES[self.mode].runs_on[0])
 
-class Quantizer(Protocol):
+
+class Quantizer(Protocol[_Section_contra]):
+    """A mode's handler; it takes its own mode's spec section (``StaticQuantizeSpec`` …)."""
+
     def __call__(
         self,
         model: nn.Module,
-        spec: QuantizeSpec,
+        spec: _Section_contra,
         *,
         example_inputs: torch.Tensor,
         calibration: BatchSource,
@@ -53,17 +64,19 @@ class Quantizer(Protocol):
     ) -> QuantizationResult: ...
 
 
-_QUANTIZERS: dict[str, Quantizer] = {}
+_QUANTIZERS: dict[str, Quantizer[Any]] = {}
 
 
-def register_quantizer(mode: str, handler: Quantizer) -> Quantizer:
+def register_quantizer(mode: str, handler: Quantizer[Any]) -> Quantizer[Any]:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization mode {mode!r} is not declared in compactor.catalogue.QUANT_MODES")
     if mode in _QUANTIZERS and _QUANTIZERS[mode] is not handler:
         raise ValueError(f"quantization mode {mode!r} is already registered")
     _QUANTIZERS[mode] = handler
     return handler
 
 
-def get_quantizer(mode: str) -> Quantizer:
+def get_quantizer(mode: str) -> Quantizer[Any]:
     try:
         return _QUANTIZERS[mode]
     except KeyError:

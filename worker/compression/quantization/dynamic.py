@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compactor.errors import UnsupportedCombination
-from compactor.spec import QuantizeSpec
+from compactor.spec import DynamicQuantizeSpec
 from worker.compression.context import BatchSource, RunContext
 from worker.compression.quantization import (
     QuantizationResult,
@@ -34,7 +34,7 @@ _NOTHING_TO_QUANTIZE = (
 
 def quantize_dynamic(
     model: nn.Module,
-    spec: QuantizeSpec,
+    spec: DynamicQuantizeSpec,
     *,
     example_inputs: torch.Tensor,
     calibration: BatchSource,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compactor.errors import CompressionFailed, InvalidDataset
-from compactor.spec import QuantizeSpec
+from compactor.spec import StaticQuantizeSpec
 from worker.compression.context import BatchSource, RunContext, limited
 from worker.compression.quantization import (
     STAGE,
@@ -45,7 +45,7 @@ _CALIBRATION_SHARE = 0.9
 
 def quantize_static(
     model: nn.Module,
-    spec: QuantizeSpec,
+    spec: StaticQuantizeSpec,
     *,
     example_inputs: torch.Tensor,
     calibration: BatchSource,
@@ -58,7 +58,7 @@ def quantize_static(
         return _quantize_module(model, spec, example, calibration, ctx)
 
 
-def _calibrate(prepared: Callable[..., Any], spec: QuantizeSpec, calibration: BatchSource, ctx: RunContext) -> int:
+def _calibrate(prepared: Callable[..., Any], spec: StaticQuantizeSpec, calibration: BatchSource, ctx: RunContext) -> int:
     used = 0
     with ao_backend.quiet_ao(), torch.no_grad():
         for inputs, _targets in limited(calibration, spec.calibration_batches):
@@ -96,7 +96,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _quantize_module(
-    model: nn.Module, spec: QuantizeSpec, example: torch.Tensor, calibration: BatchSource, ctx: RunContext
+    model: nn.Module, spec: StaticQuantizeSpec, example: torch.Tensor, calibration: BatchSource, ctx: RunContext
 ) -> QuantizationResult:
     # Float parts keep running on CPU inside the INT8 model, so the whole copy moves.
     working = copy.deepcopy(model).cpu().eval()
@@ -200,7 +200,7 @@ def _capture_child_inputs(module: nn.Module, args: tuple[Any, ...]) -> dict[str,
 
 
 def _prepare_per_submodule(
-    root: nn.Module, example: torch.Tensor, spec: QuantizeSpec, untraceable: dict[str, str]
+    root: nn.Module, example: torch.Tensor, spec: StaticQuantizeSpec, untraceable: dict[str, str]
 ) -> list[str]:
     """Replace each traceable submodule that holds weights by its FX-prepared version; returns their names.
 
@@ -238,7 +238,7 @@ def _prepare_per_submodule(
 
 
 def _quantize_torchscript(
-    module: torch.jit.ScriptModule, spec: QuantizeSpec, example: torch.Tensor, calibration: BatchSource, ctx: RunContext
+    module: torch.jit.ScriptModule, spec: StaticQuantizeSpec, example: torch.Tensor, calibration: BatchSource, ctx: RunContext
 ) -> QuantizationResult:
     try:
         prepared = ao_backend.jit_prepare_static(module, spec.backend, spec.per_channel)
