@@ -119,4 +119,7 @@ class Upload(BaseModel):
     size_bytes: int
     sha256: str
     num_samples: int | None = None
+    # A dataset's facts, inspected once at upload (None in records written before they were kept).
+    has_targets: bool | None = None
+    input_shape: list[int] | None = None
     created_at: datetime = Field(default_factory=utcnow)

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compactor.errors import InvalidModel
-from compactor.formats import ArchiveLimits, _open_zip, _read_entry, check_zip_archive
+from compactor.formats.limits import ArchiveLimits
+from compactor.formats.zip_guard import check_zip_archive, open_zip, read_entry
 from compactor.graph_ops import check_ops
 
 _MIB = 1024**2
@@ -79,12 +80,11 @@ def torchscript_code_ops(path: Path, *, max_code_bytes: int = 64 * _MIB) -> dict
     """
     path = Path(path)
     limits = ArchiveLimits()
-    with _open_zip(path, InvalidModel, limits) as archive:
+    with open_zip(path, InvalidModel, limits) as archive:
         prefix = check_zip_archive(archive, limits, file_size=path.stat().st_size, single_prefix=True, error=InvalidModel)
+        assert prefix is not None  # single_prefix=True: one top-level directory, or InvalidModel
         code_entries = [
-            info
-            for info in archive.infolist()
-            if info.filename.startswith(f"{prefix}/code/") and info.filename.endswith(".py") and not info.is_dir()
+            info for info in archive.infolist() if info.filename.startswith(f"{prefix}/code/") and info.filename.endswith(".py") and not info.is_dir()
         ]
         total = sum(info.file_size for info in code_entries)
         if total > max_code_bytes:
@@ -92,18 +92,12 @@ def torchscript_code_ops(path: Path, *, max_code_bytes: int = 64 * _MIB) -> dict
                 f"the TorchScript archive holds {total} bytes of code, above the limit of {max_code_bytes}; "
                 "a model's code is normally well under a few MiB"
             )
-        sources = {
-            info.filename[len(prefix) + 1 :]: _read_entry(archive, info.filename, max_code_bytes, InvalidModel)
-            for info in code_entries
-        }
+        sources = {info.filename[len(prefix) + 1 :]: read_entry(archive, info.filename, max_code_bytes, InvalidModel) for info in code_entries}
     texts = {name: _decode(name, source) for name, source in sources.items()}
     trees = {name: _parse(name, text) for name, text in texts.items()}
     # Method names the archive defines: x.name(...) with one of these is its own method, not a builtin.
     defined = {
-        statement.name
-        for tree in trees.values()
-        for statement in _statements(tree)
-        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef))
+        statement.name for tree in trees.values() for statement in _statements(tree) if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef))
     }
     ops: dict[str, str] = {}
     for name in sorted(trees):
@@ -128,8 +122,7 @@ def _parse(name: str, text: str) -> ast.Module:
     control = _CONTROL_CHARACTERS.search(text)
     if control:
         raise InvalidModel(
-            f"the archive's code cannot be read: {name} contains the control character {control.group()!r}, "
-            "which torch.jit.save never writes"
+            f"the archive's code cannot be read: {name} contains the control character {control.group()!r}, which torch.jit.save never writes"
         )
     try:
         return ast.parse(text, filename=name)
@@ -173,13 +166,7 @@ def _dotted(node: ast.AST) -> list[str] | None:
 
 
 def _is_getattr(node: ast.AST) -> bool:
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id == "getattr"
-        and len(node.args) == 2
-        and not node.keywords
-    )
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) == 2 and not node.keywords
 
 
 def _getattr_name(node: ast.Call) -> str:

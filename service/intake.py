@@ -15,17 +15,16 @@ from typing import Literal
 from starlette.requests import Request
 
 from compactor.compat import DatasetFacts, check_compatibility
-from compactor.dataset_info import dataset_info
 from compactor.errors import InvalidDataset
-from compactor.formats import detect_dataset_format, detect_model_format
-from compactor.limits import Limits
-from compactor.torchscript_code import check_torchscript_code
+from compactor.formats import dataset_info, detect_model_format, inspect_dataset
 from compactor.jobs import Job, JobStatus, Upload, new_id
+from compactor.limits import Limits
 from compactor.queue import BrokerUnavailable, JobQueue
 from compactor.settings import Settings
 from compactor.spec import JobSpec, parse_spec
 from compactor.storage import LocalStorage
 from compactor.store.base import JobStore
+from compactor.torchscript_code import check_torchscript_code
 from compactor.webhooks import WebhookConfigError, check_notify_url
 from service.deps import valid_id
 from service.errors import RETRY_AFTER_SECONDS, ApiError, not_found
@@ -53,12 +52,12 @@ class _Cleanup:
         for upload_id in self.records:
             try:
                 self.store.delete_upload(upload_id, self.tenant)
-            except Exception:  # noqa: BLE001 - best effort; the original error matters more
+            except Exception:  # best effort; the original error matters more
                 log.exception("could not delete upload record %s", upload_id)
         for upload_id in self.files:
             try:
                 self.storage.delete_upload(upload_id)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not delete upload file %s", upload_id)
         self.records.clear()
         self.files.clear()
@@ -66,21 +65,27 @@ class _Cleanup:
 
 def _missing(name: str) -> ApiError:
     return ApiError(
-        422, "invalid_request", f"the form part {name!r} is required",
+        422,
+        "invalid_request",
+        f"the form part {name!r} is required",
         errors=[{"loc": ["body", name], "msg": "Field required"}],
     )
 
 
 def _unexpected(part: Part, allowed: tuple[str, ...]) -> ApiError:
     return ApiError(
-        422, "invalid_request", f"unexpected form part {part.name!r}; this endpoint takes {', '.join(allowed)}",
+        422,
+        "invalid_request",
+        f"unexpected form part {part.name!r}; this endpoint takes {', '.join(allowed)}",
         errors=[{"loc": ["body", part.name], "msg": "unexpected form part"}],
     )
 
 
 def _needs_file(part: Part) -> ApiError:
     return ApiError(
-        422, "invalid_request", f"form part {part.name!r} must be a file (Content-Disposition with a filename)",
+        422,
+        "invalid_request",
+        f"form part {part.name!r} must be a file (Content-Disposition with a filename)",
         errors=[{"loc": ["body", part.name], "msg": "expected a file"}],
     )
 
@@ -106,8 +111,7 @@ def _describe(
             # not after the job has waited in the queue; the worker checks the graph again.
             check_torchscript_code(path)
         return Upload(id=upload_id, tenant=tenant, kind="model", format=fmt, size_bytes=size, sha256=sha256), None
-    dfmt = detect_dataset_format(path, limits.dataset_archive)
-    info = dataset_info(path, dfmt)
+    dfmt, info = inspect_dataset(path, limits.dataset_archive)
     elements = math.prod(info.input_shape)
     if elements > limits.max_dataset_input_elements:
         raise InvalidDataset(
@@ -115,14 +119,29 @@ def _describe(
             "(COMPACTOR_MAX_DATASET_BYTES / 4, as float32): upload fewer or smaller samples"
         )
     upload = Upload(
-        id=upload_id, tenant=tenant, kind="dataset", format=dfmt, size_bytes=size, sha256=sha256, num_samples=info.num_samples
+        id=upload_id,
+        tenant=tenant,
+        kind="dataset",
+        format=dfmt,
+        size_bytes=size,
+        sha256=sha256,
+        num_samples=info.num_samples,
+        has_targets=info.has_targets,
+        input_shape=list(info.input_shape),
     )
-    return upload, DatasetFacts(format=dfmt, num_samples=info.num_samples, has_targets=info.has_targets)
+    return upload, _dataset_facts(storage, upload)
 
 
-def receive_upload(
-    request: Request, kind: UploadKind, *, settings: Settings, storage: LocalStorage, store: JobStore, tenant: str
-) -> Upload:
+def _dataset_facts(storage: LocalStorage, upload: Upload) -> DatasetFacts:
+    """What the compatibility check needs of a dataset: from its record (inspected at upload),
+    or, for a record older than that, from one more look at the file."""
+    if upload.num_samples is not None and upload.has_targets is not None:
+        return DatasetFacts(format=upload.format, num_samples=upload.num_samples, has_targets=upload.has_targets)
+    info = dataset_info(storage.upload_path(upload.id), upload.format)
+    return DatasetFacts(format=upload.format, num_samples=info.num_samples, has_targets=info.has_targets)
+
+
+def receive_upload(request: Request, kind: UploadKind, *, settings: Settings, storage: LocalStorage, store: JobStore, tenant: str) -> Upload:
     """``POST /v1/models`` and ``/v1/datasets``: one multipart part ``file``."""
     cleanup = _Cleanup(storage, store, tenant)
     try:
@@ -154,7 +173,8 @@ def _check_notify(spec: JobSpec, settings: Settings, tenant: str) -> None:
     except WebhookConfigError as exc:
         log.error("webhook configuration: %s", exc)
         raise ApiError(
-            503, "webhooks_unavailable",
+            503,
+            "webhooks_unavailable",
             "the server's webhook configuration cannot be read; retry shortly, or submit without spec.notify",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         ) from None
@@ -167,8 +187,15 @@ class Submitted:
 
 
 def _create_and_enqueue(
-    store: JobStore, queue: JobQueue, cleanup: _Cleanup, settings: Settings, *, spec: JobSpec,
-    model_id: str, dataset_id: str | None, idempotency_key: str | None,
+    store: JobStore,
+    queue: JobQueue,
+    cleanup: _Cleanup,
+    settings: Settings,
+    *,
+    spec: JobSpec,
+    model_id: str,
+    dataset_id: str | None,
+    idempotency_key: str | None,
 ) -> Submitted:
     job = Job(
         id=new_id("job"),
@@ -195,15 +222,21 @@ def _create_and_enqueue(
         # Never leave a queued job nobody will run: remove it and what came with it.
         try:
             store.delete_job(stored.id, cleanup.tenant)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not remove job %s after the broker refused it", stored.id)
         raise
     return Submitted(stored, created=True)
 
 
 def submit_multipart(
-    request: Request, *, settings: Settings, storage: LocalStorage, store: JobStore, queue: JobQueue,
-    tenant: str, idempotency_key: str | None,
+    request: Request,
+    *,
+    settings: Settings,
+    storage: LocalStorage,
+    store: JobStore,
+    queue: JobQueue,
+    tenant: str,
+    idempotency_key: str | None,
 ) -> Submitted:
     """``POST /v1/jobs`` as multipart: parts ``model`` (file), ``dataset`` (file), ``spec`` (JSON text)."""
     cleanup = _Cleanup(storage, store, tenant)
@@ -238,8 +271,14 @@ def submit_multipart(
                 store.put_upload(upload)
                 cleanup.records.append(upload.id)
         return _create_and_enqueue(
-            store, queue, cleanup, settings, spec=spec, model_id=model_upload.id,
-            dataset_id=dataset_upload.id if dataset_upload else None, idempotency_key=idempotency_key,
+            store,
+            queue,
+            cleanup,
+            settings,
+            spec=spec,
+            model_id=model_upload.id,
+            dataset_id=dataset_upload.id if dataset_upload else None,
+            idempotency_key=idempotency_key,
         )
     except BaseException:
         cleanup.undo()
@@ -247,8 +286,14 @@ def submit_multipart(
 
 
 def submit_json(
-    body: bytes, *, settings: Settings, storage: LocalStorage, store: JobStore, queue: JobQueue,
-    tenant: str, idempotency_key: str | None,
+    body: bytes,
+    *,
+    settings: Settings,
+    storage: LocalStorage,
+    store: JobStore,
+    queue: JobQueue,
+    tenant: str,
+    idempotency_key: str | None,
 ) -> Submitted:
     """``POST /v1/jobs`` as JSON: a spec that names ``model_id`` (and ``dataset_id``) of earlier uploads."""
     request = JobRequest.model_validate_json(body or b"{}")
@@ -262,13 +307,18 @@ def submit_json(
         dataset = store.get_upload(valid_id(request.dataset_id, "dataset"), tenant)
         if dataset is None or dataset.kind != "dataset":
             raise not_found("dataset")
-        info = dataset_info(storage.upload_path(dataset.id), dataset.format)
-        facts = DatasetFacts(format=dataset.format, num_samples=info.num_samples, has_targets=info.has_targets)
+        facts = _dataset_facts(storage, dataset)
     check_compatibility(model.format, spec, facts)
     # Nothing was stored by this request: a failure has nothing to undo.
     cleanup = _Cleanup(storage, store, tenant)
     return _create_and_enqueue(
-        store, queue, cleanup, settings, spec=spec, model_id=model.id, dataset_id=request.dataset_id,
+        store,
+        queue,
+        cleanup,
+        settings,
+        spec=spec,
+        model_id=model.id,
+        dataset_id=request.dataset_id,
         idempotency_key=idempotency_key,
     )
 

@@ -25,7 +25,7 @@ from compactor.formats import (
     disallowed_globals,
     pickle_globals,
 )
-from tests.helpers import TinyCNN
+from tests.support.models import TinyCNN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # torch 2.14 deprecates TorchScript; the API still accepts it, so the tests write it.
@@ -86,8 +86,21 @@ def test_detects_state_dict_torchscript_and_safetensors_from_bytes(tmp_path: Pat
 
 def test_every_dtype_torch_writes_for_plain_tensors_is_allowed(tmp_path: Path) -> None:
     path = tmp_path / "dtypes.pt"
-    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-              torch.int8, torch.uint8, torch.bool, torch.uint16, torch.float8_e4m3fn, torch.complex64]
+    dtypes = [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.uint16,
+        torch.float8_e4m3fn,
+        torch.complex64,
+    ]
     tensors = {str(dtype): torch.zeros(2, dtype=dtype) for dtype in dtypes}
     tensors["param"] = torch.nn.Parameter(torch.ones(3))
     tensors["view"] = torch.arange(10.0)[2:5]
@@ -102,7 +115,7 @@ def test_pickled_whole_module_is_unsafe_and_names_the_class(tmp_path: Path) -> N
     with pytest.raises(UnsafeModel) as caught:
         detect_model_format(path)
     assert caught.value.code == "unsafe_model"
-    assert "tests.helpers.TinyCNN" in caught.value.message
+    assert "tests.support.models.TinyCNN" in caught.value.message
     assert "TorchScript" in caught.value.message and "safetensors" in caught.value.message
 
 
@@ -314,7 +327,7 @@ def test_non_archive_dataset_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_memo_key_out_of_sequence_is_refused_before_any_unpickler_sizes_a_table_to_it() -> None:
-    import compactor.formats as formats
+    import compactor.formats.pickle_scan as formats
 
     # PROTO 2, EMPTY_DICT, LONG_BINPUT 2**28, STOP: C's unpickler would allocate a 2**28-slot memo.
     bomb = b"\x80\x02}r" + struct.pack("<I", 2**28) + b"."
@@ -331,7 +344,7 @@ def test_a_memo_key_out_of_sequence_is_refused_before_any_unpickler_sizes_a_tabl
 
 
 def test_the_scan_stack_and_memo_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import compactor.formats as formats
+    import compactor.formats.pickle_scan as formats
 
     monkeypatch.setattr(formats, "MAX_PICKLE_STACK_ITEMS", 50)
     pushes = b"\x80\x02" + b"K\x01" * 60 + b"."  # 60 one-byte BININT1 pushes

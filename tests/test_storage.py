@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,6 +153,32 @@ def test_an_artifact_is_put_atomically_with_its_sha256(storage: LocalStorage, tm
     assert destination.read_bytes() == b"second attempt"
     assert replaced.sha256 == hashlib.sha256(b"second attempt").hexdigest()
     assert files_under(storage.root) == [destination]
+
+
+def test_an_attempts_artifact_is_adopted_by_rename_and_hashed_once(storage: LocalStorage) -> None:
+    attempt = storage.job_dir("job_4") / ".attempt-x"
+    attempt.mkdir(parents=True)
+    source = attempt / "model.ts"
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    source.write_bytes(payload)
+    inode = source.stat().st_ino
+
+    artifact = storage.adopt_artifact("job_4", "model.ts", source)
+    destination = storage.artifact_path("job_4", "model.ts")
+    assert artifact.sha256 == hashlib.sha256(payload).hexdigest() and artifact.size_bytes == len(payload)
+    assert not source.exists() and destination.stat().st_ino == inode  # moved, not copied
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)")
+def test_an_artifact_on_another_filesystem_is_copied(storage: LocalStorage) -> None:
+    if os.stat("/dev/shm").st_dev == os.stat(storage.root).st_dev:
+        pytest.skip("/dev/shm is on the data directory's filesystem here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        source = Path(elsewhere) / "report.json"
+        source.write_text('{"ok": true}')
+        artifact = storage.adopt_artifact("job_5", "report.json", source)
+        assert storage.artifact_path("job_5", "report.json").read_text() == '{"ok": true}'
+        assert artifact.sha256 == hashlib.sha256(b'{"ok": true}').hexdigest()
 
 
 def test_a_failed_artifact_copy_leaves_nothing(storage: LocalStorage, tmp_path: Path) -> None:

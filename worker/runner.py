@@ -208,7 +208,7 @@ def _finish(
     for attempt in range(1, FINISH_TRIES + 1):
         try:
             return store.finish(job_id, owner, status, error=error, metrics=metrics, artifacts=artifacts)
-        except Exception as exc:  # noqa: BLE001 - retried; the lease expiry is the last resort
+        except Exception as exc:  # retried; the lease expiry is the last resort
             if attempt == FINISH_TRIES:
                 raise
             log.warning("recording %s for job %s failed (%s); retrying", status.value, job_id, exc)
@@ -276,7 +276,7 @@ def _attempt(job: Job, store: JobStore, storage: LocalStorage, owner: str, lease
     try:
         return _run_attempt(job, store, storage, owner, lease, work_dirs, settings)
     finally:
-        # Whatever happened, the attempt's scratch space goes: artifacts were copied out already.
+        # Whatever happened, the attempt's scratch space goes: artifacts were moved out already.
         for work_dir in work_dirs:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -319,7 +319,7 @@ def _run_attempt(
         # The gateway validated the spec at submission; a stored spec this worker's version
         # cannot read is the client's spec all the same, not an internal error.
         error = JobError(code="invalid_spec", message=f"the stored spec is not valid: {exc.error_count()} error(s)")
-    except Exception as exc:  # noqa: BLE001 - every failure must end the job, never leave it running
+    except Exception as exc:  # every failure must end the job, never leave it running
         log.exception("job %s failed unexpectedly", job_id)
         error = JobError(code="internal_error", message=f"an internal error stopped the job ({type(exc).__name__})")
 
@@ -331,11 +331,11 @@ def _run_attempt(
         log.info("job %s failed: %s", job_id, error.code)
         return Outcome.finished
 
-    # Success: move the artifacts into storage while the lease is still being renewed
-    # (large files take a while), then stop beating and record the outcome.
+    # Success: move the artifacts into storage (a rename: the attempt dir is inside the job's dir)
+    # while the lease is still being renewed, then stop beating and record the outcome.
     try:
-        artifacts = [storage.put_artifact(job_id, name, Path(path)) for name, path in sorted(result.artifacts.items())]
-    except Exception as exc:  # noqa: BLE001 - a full or failing disk: fail the job, keep no partial set
+        artifacts = [storage.adopt_artifact(job_id, name, Path(path)) for name, path in sorted(result.artifacts.items())]
+    except Exception as exc:  # a full or failing disk: fail the job, keep no partial set
         log.exception("job %s: storing the artifacts failed", job_id)
         lease.stop()
         for name in result.artifacts:

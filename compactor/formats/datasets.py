@@ -1,4 +1,4 @@
-"""Count the samples of an uploaded dataset without torch and without loading its data.
+"""Shapes and sample counts of an uploaded dataset, without torch and without loading its data.
 
 * ``.npz``: read only the ``.npy`` headers of ``inputs`` (and ``targets``) inside the
   zip (``numpy.lib.format``; nothing is unpickled, no array data is read).
@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from compactor.errors import InvalidDataset
-from compactor.formats import parse_npy_header
-
-MAX_ZIP_ENTRIES = 10_000
-MAX_PICKLE_BYTES = 16 * 1024 * 1024
-MAX_NPY_HEADER_BYTES = 64 * 1024
+from compactor.formats.detection import DatasetFileFormat, dataset_format_in, open_dataset_archive
+from compactor.formats.limits import ArchiveLimits
+from compactor.formats.npy import parse_npy_header, read_entry_head
 
 
 @dataclass(frozen=True)
@@ -35,28 +33,28 @@ class DatasetInfo:
     input_shape: tuple[int, ...]
 
 
+def inspect_dataset(path: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> tuple[DatasetFileFormat, DatasetInfo]:
+    """Format and shapes of an uploaded dataset in one pass: the archive is opened and checked
+    once, and a .pt's data.pkl read once (the detection's bytes are the ones unpickled here)."""
+    with open_dataset_archive(Path(path), limits) as archive:
+        detected = dataset_format_in(archive, limits)
+        if detected.format == "npz":
+            return "npz", _npz_info(archive, limits)
+        assert detected.pickle_bytes is not None and detected.prefix is not None
+        return "pt", _pt_info(archive, detected.pickle_bytes, detected.prefix)
+
+
+def dataset_info(path: str | Path, format: str, limits: ArchiveLimits = ArchiveLimits()) -> DatasetInfo:
+    """Shapes of a dataset whose format is known (a stored upload's record says it)."""
+    detected, info = inspect_dataset(path, limits)
+    if detected != format:
+        raise InvalidDataset(f"the dataset is a {detected!r} file, not {format!r}: upload a .pt (torch.save) or .npz file")
+    return info
+
+
 def dataset_num_samples(path: str | Path, format: str) -> int:
     """Number of samples (rows of ``inputs``) of a ``pt`` or ``npz`` dataset file."""
     return dataset_info(path, format).num_samples
-
-
-def dataset_info(path: str | Path, format: str) -> DatasetInfo:
-    if format == "npz":
-        return _npz_info(Path(path))
-    if format == "pt":
-        return _pt_info(Path(path))
-    raise InvalidDataset(f"unknown dataset format {format!r}: upload a .pt (torch.save) or .npz file")
-
-
-def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidDataset(f"the {kind} dataset is not a readable zip archive: {exc}") from None
-    if len(archive.infolist()) > MAX_ZIP_ENTRIES:
-        archive.close()
-        raise InvalidDataset(f"the {kind} dataset archive has too many entries (limit {MAX_ZIP_ENTRIES})")
-    return archive
 
 
 def _check_rows(inputs: tuple[int, ...], targets: tuple[int, ...] | None) -> DatasetInfo:
@@ -75,20 +73,17 @@ def _check_rows(inputs: tuple[int, ...], targets: tuple[int, ...] | None) -> Dat
 # -- .npz --------------------------------------------------------------------------------------
 
 
-def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+def _npy_shape(archive: zipfile.ZipFile, member: str, limits: ArchiveLimits) -> tuple[int, ...]:
     info = archive.getinfo(member)
-    with archive.open(info) as handle:
-        head = handle.read(MAX_NPY_HEADER_BYTES)
-    return parse_npy_header(head, info.file_size, member).shape
+    return parse_npy_header(read_entry_head(archive, member, limits.max_npy_header_bytes), info.file_size, member).shape
 
 
-def _npz_info(path: Path) -> DatasetInfo:
-    with _open_zip(path, ".npz") as archive:
-        names = set(archive.namelist())
-        if "inputs.npy" not in names:
-            raise InvalidDataset("the .npz has no 'inputs' array: save it with np.savez(f, inputs=..., targets=...)")
-        inputs = _npy_shape(archive, "inputs.npy")
-        targets = _npy_shape(archive, "targets.npy") if "targets.npy" in names else None
+def _npz_info(archive: zipfile.ZipFile, limits: ArchiveLimits) -> DatasetInfo:
+    names = set(archive.namelist())
+    if "inputs.npy" not in names:
+        raise InvalidDataset("the .npz has no 'inputs' array: save it with np.savez(f, inputs=..., targets=...)")
+    inputs = _npy_shape(archive, "inputs.npy", limits)
+    targets = _npy_shape(archive, "targets.npy", limits) if "targets.npy" in names else None
     return _check_rows(inputs, targets)
 
 
@@ -114,8 +109,18 @@ class _TensorRecord:
 _STORAGE_TYPES = frozenset(
     f"{kind}Storage"
     for kind in (
-        "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
-        "ComplexFloat", "ComplexDouble",
+        "Float",
+        "Double",
+        "Half",
+        "BFloat16",
+        "Long",
+        "Int",
+        "Short",
+        "Char",
+        "Byte",
+        "Bool",
+        "ComplexFloat",
+        "ComplexDouble",
     )
 )
 
@@ -134,7 +139,7 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *
     if len(shape) != len(strides):
         raise InvalidDataset("the .pt dataset has a tensor whose size and stride disagree")
     if math.prod(shape) > 0:
-        extent = storage_offset + sum((dim - 1) * step for dim, step in zip(shape, strides)) + 1
+        extent = storage_offset + sum((dim - 1) * step for dim, step in zip(shape, strides, strict=True)) + 1
         if extent > storage.numel:
             raise InvalidDataset("the .pt dataset has a tensor larger than its storage")
     return _TensorRecord(shape)
@@ -191,23 +196,11 @@ class _ShapeUnpickler(pickle.Unpickler):
         return _StorageRecord(key=pid[2], numel=pid[4])
 
 
-def _pt_info(path: Path) -> DatasetInfo:
-    with _open_zip(path, ".pt") as archive:
-        infos = archive.infolist()
-        pickles = [info for info in infos if info.filename.endswith("/data.pkl") and info.filename.count("/") == 1]
-        if len(pickles) != 1:
-            raise InvalidDataset("the .pt file is not a torch.save archive (no single <name>/data.pkl); save it with torch.save")
-        prefix = pickles[0].filename.split("/", 1)[0] + "/"
-        if any(not info.filename.startswith(prefix) for info in infos):
-            raise InvalidDataset("the .pt archive has entries outside its top-level folder")
-        if pickles[0].file_size > MAX_PICKLE_BYTES:
-            raise InvalidDataset("the .pt archive's data.pkl is too large for a dataset of tensors")
-        storage_keys = {
-            info.filename[len(prefix) + len("data/") :]
-            for info in infos
-            if info.filename.startswith(prefix + "data/")
-        }
-        raw = archive.read(pickles[0])
+def _pt_info(archive: zipfile.ZipFile, raw: bytes, prefix: str) -> DatasetInfo:
+    # The archive's structure (one top-level folder, data.pkl within the size limit, its globals
+    # all tensor rebuilds) was checked by dataset_format_in, which read ``raw``.
+    storage_root = f"{prefix}/data/"
+    storage_keys = {name[len(storage_root) :] for name in archive.namelist() if name.startswith(storage_root)}
     try:
         obj = _ShapeUnpickler(raw, storage_keys).load()
     except InvalidDataset:

@@ -1,0 +1,166 @@
+"""Which format an upload is, from its bytes (never its name), after its structure is checked."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from compactor.errors import (
+    SAFE_MODEL_FORMATS_HINT,
+    InvalidDataset,
+    InvalidModel,
+    InvalidSpec,
+    UnsafeModel,
+    UnsupportedModelFormat,
+)
+from compactor.formats.limits import ArchiveLimits
+from compactor.formats.npy import parse_npy_header, read_entry_head
+from compactor.formats.pickle_scan import MalformedPickle, describe_globals, disallowed_globals
+from compactor.formats.safetensors import looks_like_safetensors, read_safetensors_header
+from compactor.formats.zip_guard import check_zip_archive, open_zip, read_entry, single_top_level_prefix
+
+ModelFileFormat = Literal["torchscript", "state_dict", "safetensors"]
+DatasetFileFormat = Literal["pt", "npz"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+_PROTOCOL0_GLOBAL = re.compile(rb"^c[\w.]+\n\w+\n")
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
+        return True
+    return bool(_PROTOCOL0_GLOBAL.match(head))
+
+
+def _read_head(path: Path, size: int = 4096) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(size)
+
+
+def detect_model_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> ModelFileFormat:
+    """Which model format the file holds, after validating its structure.
+
+    Raises UnsafeModel for anything that would need arbitrary unpickling,
+    InvalidModel for damaged files and UnsupportedModelFormat for the rest.
+    """
+    file_size = path.stat().st_size
+    head = _read_head(path)
+    if not head:
+        raise UnsupportedModelFormat(f"the model file is empty; {SAFE_MODEL_FORMATS_HINT}")
+    if head.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
+        return _detect_zip_model(path, file_size, limits)
+    if looks_like_safetensors(head, limits):
+        read_safetensors_header(path, limits)
+        return "safetensors"
+    if _looks_like_pickle(head):
+        raise UnsafeModel(
+            "the model file is a raw pickle (legacy torch.save format or plain pickle), which cannot be loaded "
+            f"without arbitrary unpickling; {SAFE_MODEL_FORMATS_HINT} (torch.save has written the safe zip format since torch 1.6)"
+        )
+    raise UnsupportedModelFormat(f"the model file is not a format Compactor recognises; {SAFE_MODEL_FORMATS_HINT}")
+
+
+def _detect_zip_model(path: Path, file_size: int, limits: ArchiveLimits) -> ModelFileFormat:
+    with open_zip(path, InvalidModel, limits) as archive:
+        check_zip_archive(archive, limits, file_size=file_size, single_prefix=False, error=InvalidModel)
+        names = archive.namelist()
+        if all(name.endswith(".npy") for name in names):
+            raise UnsupportedModelFormat(f"this is a numpy .npz archive, which is a dataset format, not a model; {SAFE_MODEL_FORMATS_HINT}")
+        prefix = single_top_level_prefix(names, InvalidModel)
+        name_set = set(names)
+        has_code = any(name.startswith(f"{prefix}/code/") for name in names)
+        if has_code:
+            if f"{prefix}/constants.pkl" not in name_set or f"{prefix}/data.pkl" not in name_set:
+                raise InvalidModel("the TorchScript archive lacks constants.pkl or data.pkl (truncated or hand-made?)")
+            return "torchscript"
+        if f"{prefix}/data.pkl" not in name_set:
+            raise UnsupportedModelFormat(
+                f"the zip archive is neither a torch.save nor a TorchScript archive (no data.pkl); {SAFE_MODEL_FORMATS_HINT}"
+            )
+        pickle_bytes = read_entry(archive, f"{prefix}/data.pkl", limits.max_pickle_bytes, InvalidModel)
+    try:
+        disallowed = disallowed_globals(pickle_bytes)
+    except MalformedPickle as exc:
+        raise InvalidModel(f"the archive's data.pkl is damaged: {exc}") from exc
+    if disallowed:
+        raise UnsafeModel(
+            f"the file pickles {describe_globals(disallowed)}, which only arbitrary unpickling could load "
+            f"(a whole pickled nn.Module, or custom objects); {SAFE_MODEL_FORMATS_HINT}"
+        )
+    return "state_dict"
+
+
+def detect_dataset_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> DatasetFileFormat:
+    """``"pt"`` for a torch.save zip of tensors, ``"npz"`` for a numpy archive of numeric arrays; else InvalidDataset."""
+    with open_dataset_archive(path, limits) as archive:
+        return dataset_format_in(archive, limits).format
+
+
+@dataclass(frozen=True)
+class DetectedDataset:
+    format: DatasetFileFormat
+    # A .pt archive's data.pkl, already read (within the limits) and scanned: its shapes are
+    # read from these bytes, not read again.
+    pickle_bytes: bytes | None = None
+    prefix: str | None = None
+
+
+def open_dataset_archive(path: Path, limits: ArchiveLimits) -> zipfile.ZipFile:
+    """The dataset's zip, its structure checked (entries, sizes, ratios); InvalidDataset if it is not one."""
+    head = _read_head(path, 8)
+    if not (head.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC))):
+        hint = " (a raw or legacy pickle, which cannot be loaded safely)" if _looks_like_pickle(_read_head(path)) else ""
+        raise InvalidDataset(
+            f"the dataset is not a torch.save .pt archive or a numpy .npz{hint}; "
+            "save it with torch.save({'inputs': x, 'targets': y}, f) or numpy.savez(f, inputs=x, targets=y)"
+        )
+    archive = open_zip(path, InvalidDataset, limits)
+    try:
+        check_zip_archive(archive, limits, file_size=path.stat().st_size, single_prefix=False, error=InvalidDataset)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
+def dataset_format_in(archive: zipfile.ZipFile, limits: ArchiveLimits) -> DetectedDataset:
+    """Which dataset format an open, checked archive holds (``open_dataset_archive``)."""
+    names = archive.namelist()
+    if all(name.endswith(".npy") for name in names):
+        for name in names:
+            info = archive.getinfo(name)
+            head_bytes = read_entry_head(archive, name, limits.max_npy_header_bytes)
+            parse_npy_header(head_bytes, info.file_size, name)
+        if "inputs.npy" not in names:
+            shown = ", ".join(sorted(name[: -len(".npy")] for name in names)[:5])
+            raise InvalidDataset(f"the .npz has no 'inputs' array (it has: {shown})")
+        return DetectedDataset("npz")
+    prefix = single_top_level_prefix(names, InvalidDataset)
+    if any(name.startswith(f"{prefix}/code/") for name in names):
+        raise InvalidDataset("this is a TorchScript model archive, not a dataset")
+    if f"{prefix}/data.pkl" not in names:
+        raise InvalidDataset("the zip archive is neither a torch.save .pt nor a numpy .npz")
+    pickle_bytes = read_entry(archive, f"{prefix}/data.pkl", min(limits.max_pickle_bytes, limits.max_dataset_pickle_bytes), InvalidDataset)
+    try:
+        disallowed = disallowed_globals(pickle_bytes)
+    except MalformedPickle as exc:
+        raise InvalidDataset(f"the dataset's data.pkl is damaged: {exc}") from exc
+    if disallowed:
+        raise InvalidDataset(
+            f"the dataset pickles {describe_globals(disallowed)}, which cannot be loaded without arbitrary unpickling; "
+            "save a plain dict of tensors: torch.save({'inputs': x, 'targets': y}, f)"
+        )
+    return DetectedDataset("pt", pickle_bytes=pickle_bytes, prefix=prefix)
+
+
+def check_declared_format(declared: str, detected: str) -> None:
+    """A declared ``spec.model.format`` (other than "auto") must match what the bytes are."""
+    if declared != "auto" and declared != detected:
+        raise InvalidSpec(
+            f"spec.model.format says {declared!r} but the uploaded file is {detected!r}; set model.format to 'auto' or to the file's real format",
+            field="model.format",
+        )
