@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import pydantic_core
 
+from compactor.documents import JobOut, job_json
 from compactor.errors import InvalidSpec
 from compactor.jobs import Job
 
@@ -200,16 +200,14 @@ def allowed_target(url: str, allowlist: Iterable[AllowedHost]) -> WebhookTarget:
     entries = tuple(allowlist)
     if not entries:
         raise InvalidSpec(
-            "webhooks are not enabled on this server: the operator must list the receiver's host "
-            "in COMPACTOR_WEBHOOK_ALLOWED_HOSTS",
+            "webhooks are not enabled on this server: the operator must list the receiver's host in COMPACTOR_WEBHOOK_ALLOWED_HOSTS",
             field=NOTIFY_FIELD,
         )
     target = parse_target(url)
     if not host_allowed(target, entries):
         shown = f"[{target.host}]" if ":" in target.host else target.host
         raise InvalidSpec(
-            f"the host {shown}:{target.port} is not on this server's webhook allowlist: the operator must add it "
-            "to COMPACTOR_WEBHOOK_ALLOWED_HOSTS",
+            f"the host {shown}:{target.port} is not on this server's webhook allowlist: the operator must add it to COMPACTOR_WEBHOOK_ALLOWED_HOSTS",
             field=NOTIFY_FIELD,
         )
     return target
@@ -230,9 +228,7 @@ def parse_secret_pairs(items: Iterable[str], source: str) -> dict[str, str]:
         if not sep or not tenant or not secret:
             raise WebhookConfigError(f"malformed webhook secret entry in {source}: expected 'tenant:secret'")
         if len(secret) < MIN_SECRET_LENGTH:
-            raise WebhookConfigError(
-                f"the webhook secret of tenant {tenant!r} in {source} is too short (at least {MIN_SECRET_LENGTH} characters)"
-            )
+            raise WebhookConfigError(f"the webhook secret of tenant {tenant!r} in {source} is too short (at least {MIN_SECRET_LENGTH} characters)")
         secrets[tenant] = secret
     return secrets
 
@@ -290,34 +286,15 @@ def delivery_id_for(job: Job) -> str:
 
 
 def job_document(job: Job) -> dict[str, Any]:
-    """The job as ``GET /v1/jobs/{id}`` shows it (service.schemas.JobOut, field for field, as JSON values).
-
-    compactor/ cannot import the gateway; tests/service/test_notify.py keeps the two equal."""
-    dumped = job.model_dump(mode="json")
-    return {
-        "id": dumped["id"],
-        "status": dumped["status"],
-        "stage": dumped["stage"],
-        "progress": dumped["progress"],
-        "created_at": dumped["created_at"],
-        "started_at": dumped["started_at"],
-        "finished_at": dumped["finished_at"],
-        "attempts": dumped["attempts"],
-        "spec": dumped["spec"],
-        "error": dumped["error"],
-        "metrics": dumped["metrics"],
-        "artifacts": [
-            {**artifact, "url": f"/v1/jobs/{job.id}/artifacts/{artifact['name']}"} for artifact in dumped["artifacts"]
-        ],
-        "cancel_requested": dumped["cancel_requested"],
-        "model_id": dumped["model_id"],
-        "dataset_id": dumped["dataset_id"],
-    }
+    """The job as ``GET /v1/jobs/{id}`` shows it (``compactor.documents.JobOut``), as JSON values."""
+    document: dict[str, Any] = JobOut.of(job).model_dump(mode="json", exclude_unset=True)
+    return document
 
 
 def payload_for(job: Job) -> bytes:
-    """The request body: the job document as compact UTF-8 JSON (what the signature covers)."""
-    return pydantic_core.to_json(job_document(job))
+    """The request body: the job document as compact UTF-8 JSON (what the signature covers), the
+    very bytes ``GET /v1/jobs/{id}`` sends."""
+    return job_json(job)
 
 
 def _mac(secret: str, timestamp: int, body: bytes) -> str:
@@ -393,7 +370,7 @@ def backoff_seconds(attempt: int, base: float, *, cap: float = MAX_BACKOFF_SECON
 
     Half the delay is fixed and half random, so retries of many jobs after a receiver outage
     spread out but never come sooner than half the schedule."""
-    delay = min(cap, base * 2 ** max(attempt - 1, 0))
+    delay = min(cap, base * 2.0 ** max(attempt - 1, 0))
     return delay / 2 + rand() * delay / 2
 
 
@@ -428,9 +405,11 @@ def deliver(
         SIGNATURE_HEADER: sign(secret, body, timestamp),
     }
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, transport=transport) as client:
-            with client.stream("POST", target.url, content=body, headers=headers) as response:
-                status = response.status_code
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, transport=transport) as client,
+            client.stream("POST", target.url, content=body, headers=headers) as response,
+        ):
+            status = response.status_code
     except httpx.HTTPError as exc:
         return DeliveryResult(False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
     return DeliveryResult(200 <= status < 300, status_code=status)

@@ -8,7 +8,7 @@ stack) was most of the gateway's CPU per poll and so of the poll's tail latency.
 This ASGI wrapper recognises the route by its path, authenticates exactly as
 ``service.deps.get_tenant`` does (same key ring), reads the job with the same
 tenant-scoped store call in a worker thread, and sends the very bytes the FastAPI
-route would (``service.schemas.job_response``). It only ever answers **200**:
+route would (``compactor.documents.job_json``). It only ever answers **200**:
 every other outcome — no or a bad key, a malformed or unknown id, another
 tenant's job, a store that is down, any exception — is handed, untouched, to the
 full application, which produces its usual problem+json answer. So errors,
@@ -27,11 +27,11 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from compactor.documents import job_json
 from compactor.jobs import Job
 from service.auth import DEFAULT_TENANT, KeyRing, bearer_token
 from service.deps import ID_PATTERN
 from service.metrics import HTTP_LATENCY, HTTP_RESPONSES
-from service.schemas import JobOut
 
 log = logging.getLogger("service")
 
@@ -40,7 +40,8 @@ _JOB_PATH = re.compile(r"^/v1/jobs/(" + ID_PATTERN.removeprefix("^").removesuffi
 
 
 def _authorization(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"authorization":
             return value.decode("latin-1")
     return None
@@ -92,4 +93,4 @@ class JobPollFastPath:
             return None
         if job is None:
             return None
-        return JobOut.__pydantic_serializer__.to_json(JobOut.of(job))
+        return job_json(job)

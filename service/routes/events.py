@@ -31,11 +31,11 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from compactor.documents import job_json
 from compactor.jobs import Job
 from compactor.store.base import StoreUnavailable
 from service.deps import JobDep, Resources, SettingsDep, TenantDep
 from service.errors import problem_responses
-from service.schemas import JobOut
 
 log = logging.getLogger("service")
 
@@ -76,7 +76,7 @@ def state_id(job: Job) -> str:
 
 
 def job_event(job: Job) -> bytes:
-    data = JobOut.__pydantic_serializer__.to_json(JobOut.of(job))
+    data = job_json(job)
     # The serialized JSON never holds a raw newline, so one `data:` line carries it.
     return b"id: " + state_id(job).encode() + b"\nevent: job\ndata: " + data + b"\n\n"
 
@@ -142,6 +142,4 @@ async def job_events(
     stream = _job_states(request, resources, job, tenant, last_event_id, settings.events_poll_seconds)
     # no-cache: a proxy must not serve one client's stream to another; X-Accel-Buffering: nginx
     # would otherwise hold events back until its buffer fills.
-    return StreamingResponse(
-        stream, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return StreamingResponse(stream, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

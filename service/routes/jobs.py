@@ -8,13 +8,14 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from compactor.documents import JobOut
 from compactor.jobs import TERMINAL, JobStatus
 from compactor.store.base import InvalidCursor
 from compactor.webhooks import notify_url_of
 from service.deps import JobDep, QueueDep, ResourcesDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.errors import ApiError, not_found, problem_responses
 from service.intake import Submitted, revoke_attempts, submit_json, submit_multipart
-from service.schemas import JobList, JobOut, job_response
+from service.schemas import JobList, job_response
 from service.uploads import JSON, MULTIPART, check_content_length, media_type, read_json_body, request_budget, unsupported_media_type
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -59,6 +60,8 @@ _SUBMIT_BODY: dict[str, Any] = {
     "",
     status_code=202,
     response_model=JobOut,
+    # A stored report keeps exactly its own fields (compactor/documents.py).
+    response_model_exclude_unset=True,
     summary="Create a compression job",
     description="Multipart (`model`, optional `dataset` and `spec`) or JSON naming `model_id`/`dataset_id` of earlier uploads. "
     "Every check runs before the job exists; `Location` names the new job.",
@@ -81,8 +84,12 @@ async def create_job(
     def common() -> dict[str, Any]:
         # Resolved in the worker thread: opening the store or storage may block.
         return dict(
-            settings=settings, storage=resources.storage, store=resources.store, queue=resources.queue,
-            tenant=tenant, idempotency_key=idempotency_key,
+            settings=settings,
+            storage=resources.storage,
+            store=resources.store,
+            queue=resources.queue,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
         )
 
     submitted: Submitted
@@ -98,7 +105,9 @@ async def create_job(
     return JobOut.of(submitted.job)
 
 
-@router.get("", response_model=JobList, summary="The tenant's jobs, newest first", responses=problem_responses(401, 422))
+@router.get(
+    "", response_model=JobList, response_model_exclude_unset=True, summary="The tenant's jobs, newest first", responses=problem_responses(401, 422)
+)
 def list_jobs(
     store: StoreDep,
     tenant: TenantDep,
@@ -113,7 +122,7 @@ def list_jobs(
     return JobList(items=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="A job", responses=problem_responses(401, 404))
+@router.get("/{job_id}", response_model=JobOut, response_model_exclude_unset=True, summary="A job", responses=problem_responses(401, 404))
 async def get_job(job: JobDep) -> Response:
     # The status poll, the hottest route: one threadpool hop (the store read in JobDep) and
     # the JSON built once here; returning a Response skips FastAPI's response_model pass
@@ -124,6 +133,8 @@ async def get_job(job: JobDep) -> Response:
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
+    # A stored report keeps exactly its own fields (compactor/documents.py).
+    response_model_exclude_unset=True,
     status_code=202,
     summary="Cancel a queued or running job",
     description="202 when the job was queued (now cancelled) or running (it stops at its next batch); "
@@ -191,7 +202,9 @@ def get_artifact(
 ) -> Response:
     if job.status is not JobStatus.succeeded:
         raise ApiError(
-            409, "job_not_finished", f"the job is {job.status.value}; artifacts can be downloaded once it has succeeded",
+            409,
+            "job_not_finished",
+            f"the job is {job.status.value}; artifacts can be downloaded once it has succeeded",
             extra={"job_status": job.status.value},
         )
     artifact = next((a for a in job.artifacts if a.name == name), None)

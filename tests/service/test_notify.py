@@ -12,11 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from compactor.documents import JobOut
 from compactor.jobs import Artifact, Job, JobError, JobStatus, Stage, utcnow
 from compactor.webhooks import job_document, payload_for
 from service.app import create_app
-from service.schemas import JobOut, job_response
-from tests.service.conftest import ALICE, BOB, auth, broker_messages, stored_files
+from service.schemas import job_response
+from tests.support.gateway import ALICE, BOB, auth, broker_messages, stored_files
 
 pytestmark = pytest.mark.anyio
 
@@ -126,7 +127,8 @@ async def test_cancelling_a_queued_job_announces_its_end(client, files, settings
     assert cancel.status_code == 202 and cancel.json()["status"] == "cancelled"
     tasks = [json.loads(m.read_text())["headers"] for m in broker_messages(settings)]
     assert sorted((t["task"], t["id"]) for t in tasks) == [
-        ("compactor.notify_job", f"{job['id']}-notify"), ("compactor.run_job", f"{job['id']}-1"),
+        ("compactor.notify_job", f"{job['id']}-notify"),
+        ("compactor.run_job", f"{job['id']}-1"),
     ]
     # Cancelling again changes nothing and announces nothing.
     assert (await client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(ALICE))).status_code == 200
@@ -146,15 +148,29 @@ def test_the_webhook_body_is_the_job_document_the_api_returns() -> None:
     jobs = [
         Job(id="job_a", tenant="alice", model_id="mdl_a", spec={"notify": {"url": ALLOWED}}),
         Job(
-            id="job_b", tenant="alice", status=JobStatus.succeeded, stage=Stage.export, progress=1.0, created_at=now,
-            started_at=now + timedelta(seconds=1), finished_at=now + timedelta(seconds=9), attempts=2,
-            spec={"quantize": {"mode": "dynamic"}, "notify": {"url": ALLOWED}}, model_id="mdl_b", dataset_id="dst_b",
+            id="job_b",
+            tenant="alice",
+            status=JobStatus.succeeded,
+            stage=Stage.export,
+            progress=1.0,
+            created_at=now,
+            started_at=now + timedelta(seconds=1),
+            finished_at=now + timedelta(seconds=9),
+            attempts=2,
+            spec={"quantize": {"mode": "dynamic"}, "notify": {"url": ALLOWED}},
+            model_id="mdl_b",
+            dataset_id="dst_b",
             metrics={"compressed": {"top1": 0.91, "latency_ms": float("nan")}, "ratios": {"size": 3.9}},
             artifacts=[Artifact(name="model.ts", size_bytes=10, sha256="ab" * 32), Artifact(name="report.json", size_bytes=2, sha256="cd" * 32)],
-            lease_owner="w1", idempotency_key="k",
+            lease_owner="w1",
+            idempotency_key="k",
         ),
         Job(
-            id="job_c", tenant="alice", status=JobStatus.failed, model_id="mdl_c", cancel_requested=True,
+            id="job_c",
+            tenant="alice",
+            status=JobStatus.failed,
+            model_id="mdl_c",
+            cancel_requested=True,
             error=JobError(code="invalid_model", message="the archive is not TorchScript"),
         ),
     ]

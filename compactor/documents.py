@@ -1,0 +1,237 @@
+"""The wire documents: the job as clients see it, and its report, as pydantic models (no torch).
+
+One definition serves ``GET /v1/jobs/{id}`` (the route and its fast path), the job list, the
+event stream and the webhooks' body, so they cannot drift; the OpenAPI document shows every field
+of the report. ``job_json`` is the one serializer all of them send.
+
+The report is stored as the worker wrote it (a JSON object in the job record). Its models accept
+what earlier versions stored: every field is optional, unknown fields are kept, and a document
+carries exactly the fields its report has (serialized with ``exclude_unset``), so an old record
+reads back as it was.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from compactor.jobs import Job, JobStatus, Stage
+
+
+class _Open(BaseModel):
+    # Reports of earlier versions may lack a field or carry one more: both stay readable. A field
+    # the report did not have is not invented on the way out: documents are serialized with
+    # exclude_unset (``job_json``, and ``response_model_exclude_unset`` on the routes).
+    model_config = ConfigDict(extra="allow")
+
+
+class Percentiles(_Open):
+    p50: float = Field(description="Median latency, milliseconds.")
+    p90: float | None = None
+
+
+class Latency(_Open):
+    cpu: dict[str, Percentiles] = Field(default_factory=dict, description="By batch size: batch_1, batch_32.")
+    cuda: dict[str, Percentiles] | None = Field(default=None, description="Only when the job ran on a GPU.")
+
+
+class Accuracy(_Open):
+    top1: float
+    top5: float | None = None
+    samples: int | None = None
+
+
+class ModelFigures(_Open):
+    """One side of the comparison: the original or the compressed model."""
+
+    params: int | None = None
+    nonzero_params: int | None = None
+    size_bytes: int | None = Field(default=None, description="Bytes of the TorchScript file.")
+    macs: int | None = None
+    latency_ms: Latency | None = None
+    accuracy: Accuracy | None = Field(default=None, description="Validation accuracy; null without labelled data.")
+
+
+class Ratios(_Open):
+    """Compressed over original; speedups original over compressed (p50)."""
+
+    size: float | None = None
+    params: float | None = None
+    nonzero_params: float | None = None
+    macs: float | None = None
+    speedup_batch_1: float | None = None
+    speedup_batch_32: float | None = None
+
+
+class Fidelity(_Open):
+    top1_agreement: float | None = None
+    output_cosine: float | None = None
+    samples: int | None = None
+
+
+class LayerRow(_Open):
+    name: str
+    type: str | None = None
+    params: int | None = None
+    sparsity: float | None = None
+    channels_before: int | None = None
+    channels_after: int | None = None
+
+
+class StageTime(_Open):
+    name: str
+    seconds: float
+
+
+class SearchPoint(_Open):
+    amount: float
+    top1: float | None = None
+    accuracy_drop: float | None = None
+    within_budget: bool | None = None
+
+
+class Search(_Open):
+    max_accuracy_drop: float | None = None
+    budget_met: bool | None = None
+    chosen_amount: float | None = None
+    accuracy_drop: float | None = None
+    missed_by: float | None = None
+    points: list[SearchPoint] = Field(default_factory=list)
+
+
+class PruneSummary(_Open):
+    amount: float | None = None
+    granularity: str | None = None
+    criterion: str | None = None
+
+
+class FinetuneSummary(_Open):
+    epochs: int | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    distilled: bool | None = None
+
+
+class FloatLayer(_Open):
+    name: str
+    type: str | None = None
+    reason: str | None = None
+
+
+class QuantizationSummary(_Open):
+    mode: str | None = None
+    backend: str | None = None
+    calibration_batches: int | None = None
+    float_layers: list[FloatLayer] = Field(default_factory=list, description="Layers left in FP32, and why.")
+
+
+class ExportCheck(_Open):
+    ok: bool | None = None
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    quantized: bool | None = None
+
+
+class DatasetSummary(_Open):
+    synthetic: bool | None = None
+    train_samples: int | None = None
+    val_samples: int | None = None
+
+
+class Environment(_Open):
+    torch: str | None = None
+    device: str | None = None
+    cuda_device: str | None = None
+    quantization_backend: str | None = None
+    cpu_threads: int | None = None
+    python: str | None = None
+    platform: str | None = None
+    input_shape: list[int] | None = None
+    num_classes: int | None = None
+    model_format: str | None = None
+    dataset: DatasetSummary | None = None
+
+
+class Report(_Open):
+    """What a succeeded job measured (also its ``report.json``)."""
+
+    original: ModelFigures | None = None
+    compressed: ModelFigures | None = None
+    ratios: Ratios | None = None
+    fidelity: Fidelity | None = None
+    layers: list[LayerRow] = Field(default_factory=list)
+    stages: list[StageTime] = Field(default_factory=list, description="Wall-clock seconds per stage.")
+    search: Search | None = Field(default=None, description="The target search's points; null without a target.")
+    prune: PruneSummary | None = None
+    finetune: list[FinetuneSummary] = Field(default_factory=list)
+    quantization: QuantizationSummary | None = None
+    export_check: ExportCheck | None = None
+    environment: Environment | None = None
+    warnings: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class JobErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(examples=["model.ts"])
+    size_bytes: int
+    sha256: str
+    url: str = Field(examples=["/v1/jobs/job_abc/artifacts/model.ts"])
+
+
+class JobOut(BaseModel):
+    """A compression job as clients see it."""
+
+    id: str
+    status: JobStatus
+    stage: Stage | None
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    spec: dict[str, Any] = Field(description="The full job spec with defaults filled in.")
+    error: JobErrorOut | None
+    metrics: Report | None = Field(description="The report of a succeeded job (report.json); null before.")
+    artifacts: list[ArtifactOut]
+    cancel_requested: bool = Field(description="A cancel was asked for and a running job will stop at its next batch.")
+    model_id: str = Field(description="The uploaded model this job compresses (reusable in other jobs).")
+    dataset_id: str | None = Field(description="The uploaded dataset, if any.")
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            status=job.status,
+            stage=job.stage,
+            progress=job.progress,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            attempts=job.attempts,
+            spec=job.spec,
+            error=JobErrorOut(code=job.error.code, message=job.error.message) if job.error else None,
+            metrics=Report.model_validate(job.metrics) if job.metrics is not None else None,
+            artifacts=[
+                ArtifactOut(name=a.name, size_bytes=a.size_bytes, sha256=a.sha256, url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts
+            ],
+            cancel_requested=job.cancel_requested,
+            model_id=job.model_id,
+            dataset_id=job.dataset_id,
+        )
+
+
+def job_json(job: Job) -> bytes:
+    """The job document as compact UTF-8 JSON: what the route, its fast path, the event stream
+    and the webhooks send (FastAPI writes the same bytes for ``response_model=JobOut``)."""
+    # JobOut.of sets every field of the job document; only a report's fields may be unset.
+    return JobOut.__pydantic_serializer__.to_json(JobOut.of(job), exclude_unset=True)
+
+
+__all__ = ["ArtifactOut", "JobErrorOut", "JobOut", "Report", "job_json"]
