@@ -11,7 +11,7 @@
 # under the NVIDIA container runtime, and it runs the gateway too (its default CMD).
 #
 # Choice for the gateway: docker-compose.yml builds the `gateway` target instead. The gateway
-# never imports torch (compactor/cli.py and service/ are torch-free: uploads are checked with
+# never imports torch (launcher/cli.py and service/ are torch-free: uploads are checked with
 # pickletools and zip/npy headers, jobs go to the workers by Celery task name), so its image
 # leaves out torch, torchvision, torch-pruning and safetensors: a few hundred MB instead of
 # several GB, faster to pull and restart, and far less code in the one container that faces the
@@ -51,6 +51,7 @@ RUN pip install -r reqs/gateway.txt -r reqs/torch.txt
 FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY compactor /src/compactor
+COPY launcher /src/launcher
 COPY service /src/service
 COPY worker /src/worker
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test faults sweep bench bench-core bench-service bench-confinement clean
+.PHONY: install serve test lint faults sweep bench bench-core bench-service bench-confinement clean
 
 install: $(STAMP)
 
@@ -12,14 +12,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[service,test]'
 	touch $(STAMP)
 
 serve: install
 	$(BIN)/compactor serve
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
+
+# Formatting, lint and types (pyproject.toml's [tool.ruff] and [tool.mypy]); part of `make test`, so CI enforces them.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The fault suite alone (also part of `make test`); prints the table of the README's
 # Reliability section and writes it to .pytest_cache/faults.md.

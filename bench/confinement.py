@@ -24,7 +24,7 @@ import torch
 
 from compactor.settings import Settings
 from compactor.spec import parse_spec
-from tests.worker.support import QUICK_SPEC, write_digits_dataset, write_torchscript_model
+from tests.support.jobs import QUICK_SPEC, write_digits_dataset, write_torchscript_model
 from worker.compression.pipeline import compress_files
 from worker.sandbox import ChildJob, ChildLimits, confinement_status, run_in_child, start_fork_server
 
@@ -105,7 +105,9 @@ def main() -> None:
     confined = median("child, confined (TorchScript jobs)", "wall")
     unconfined = median("child, limits only (state-dict jobs)", "wall")
     before = median("in this process (before)", "wall")
-    print(f"\nPer job, against the core in this process: confined {confined - before:+.3f} s, limits only {unconfined - before:+.3f} s (target ≤ 0.5 s)")
+    print(
+        f"\nPer job, against the core in this process: confined {confined - before:+.3f} s, limits only {unconfined - before:+.3f} s (target ≤ 0.5 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import math
 import time
 import warnings
@@ -26,6 +25,7 @@ import torchvision
 from torch import nn
 
 from compactor.spec import JobSpec
+from tests.support.models import train_classifier
 from worker.compression import measure
 from worker.compression.data import Dataset, split_dataset
 from worker.compression.pipeline import BenchmarkOptions, compress
@@ -74,17 +74,7 @@ def train_resnet18(inputs: torch.Tensor, targets: torch.Tensor, *, epochs: int, 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * math.ceil(len(targets) / 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(targets), generator=generator)
-        for start in range(0, len(order), 64):
-            index = order[start : start + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs[index]), targets[index]).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return train_classifier(model, inputs, targets, epochs=epochs, seed=seed, optimizer=optimizer, schedule=schedule)
 
 
 @torch.inference_mode()
@@ -225,21 +215,27 @@ def main() -> None:
                 note=note,
             )
         )
-        print(f"{row.name}: test top-1 {row.test_top1:.2%}, size {row.size:.3f}, speedup b32 {_fmt(row.speedup_32, '{:.2f}×')}, {row.seconds:.0f} s", flush=True)
+        print(
+            f"{row.name}: test top-1 {row.test_top1:.2%}, size {row.size:.3f}, speedup b32 {_fmt(row.speedup_32, '{:.2f}×')}, {row.seconds:.0f} s",
+            flush=True,
+        )
 
     example = train_x[:1]
     original_ts = torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), example))
     params, _ = measure.count_parameters(model)
     for epochs in sorted({1, args.epochs}):
         start = time.perf_counter()
-        float_hand, int8_hand = by_hand_baseline(
-            model, data.train.inputs, data.train.targets, epochs=epochs, lr=0.01, batch_size=64, seed=0
-        )
+        float_hand, int8_hand = by_hand_baseline(model, data.train.inputs, data.train.targets, epochs=epochs, lr=0.01, batch_size=64, seed=0)
         seconds = time.perf_counter() - start
         hand_ts = torch.jit.freeze(torch.jit.trace(int8_hand, example))
         latency = measure.measure_latency(
-            {"original": original_ts, "hand": hand_ts}, [1, 3, 32, 32], batch_sizes=(1, 32), device="cpu",
-            threads=torch.get_num_threads(), warmup=5, runs=args.runs,
+            {"original": original_ts, "hand": hand_ts},
+            [1, 3, 32, 32],
+            batch_sizes=(1, 32),
+            device="cpu",
+            threads=torch.get_num_threads(),
+            warmup=5,
+            runs=args.runs,
         )
         hand_params, _ = measure.count_parameters(float_hand)
         rows.append(
@@ -258,7 +254,9 @@ def main() -> None:
         )
         print(f"{row.name}: test top-1 {row.test_top1:.2%}, size {row.size:.3f}", flush=True)
     original["val_top1"] = top1(model, data.val.inputs, data.val.targets)
-    print(f"\noriginal: validation top-1 {original['val_top1']:.2%}, held-out test top-1 {original['test_top1']:.2%}; ratios are compressed / original, speedups original / compressed (CPU p50)\n")
+    print(
+        f"\noriginal: validation top-1 {original['val_top1']:.2%}, held-out test top-1 {original['test_top1']:.2%}; ratios are compressed / original, speedups original / compressed (CPU p50)\n"
+    )
     print_table(rows, original)
 
 

@@ -43,17 +43,22 @@ def main() -> None:
         assert peak > 0, "nothing was allocated on the GPU"
         assert "cuda" in metrics["original"]["latency_ms"]
         print(f"\n== {name}: {seconds:.1f} s, GPU peak {peak / 2**20:.0f} MiB")
-        print(json.dumps({
-            "device": metrics["environment"]["device"],
-            "cuda_device": metrics["environment"]["cuda_device"],
-            "stages": metrics["stages"],
-            "val_top1": {"original": metrics["original"]["accuracy"]["top1"], "compressed": metrics["compressed"]["accuracy"]["top1"]},
-            "test_top1_compressed": top1(result.model.cpu(), test_x, test_y),
-            "latency_original": metrics["original"]["latency_ms"],
-            "latency_compressed": metrics["compressed"]["latency_ms"],
-            "ratios": metrics["ratios"],
-            "warnings": metrics["warnings"],
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "device": metrics["environment"]["device"],
+                    "cuda_device": metrics["environment"]["cuda_device"],
+                    "stages": metrics["stages"],
+                    "val_top1": {"original": metrics["original"]["accuracy"]["top1"], "compressed": metrics["compressed"]["accuracy"]["top1"]},
+                    "test_top1_compressed": top1(result.model.cpu(), test_x, test_y),
+                    "latency_original": metrics["original"]["latency_ms"],
+                    "latency_compressed": metrics["compressed"]["latency_ms"],
+                    "ratios": metrics["ratios"],
+                    "warnings": metrics["warnings"],
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -55,7 +54,7 @@ from typing import Any
 import httpx
 
 from compactor.client import ApiError, Client
-from tests.worker.support import (
+from tests.support.jobs import (
     QUICK_SPEC,
     children_of,
     command_line,
@@ -251,8 +250,11 @@ class Service:
             flush_redis(url)
             # COMPACTOR_SUPERVISOR_PID: both bind to this process, so they get SIGTERM if it dies.
             env = service_env(
-                data_dir, COMPACTOR_BROKER_URL=url, COMPACTOR_STORE_URL=url,
-                COMPACTOR_SUPERVISOR_PID=str(os.getpid()), **extra_env,
+                data_dir,
+                COMPACTOR_BROKER_URL=url,
+                COMPACTOR_STORE_URL=url,
+                COMPACTOR_SUPERVISOR_PID=str(os.getpid()),
+                **extra_env,
             )
             self._start("gateway", ["gateway", "--port", str(self.port)], env)
             # Same machine as the gateway: what `compactor serve` gives its worker there (one core
@@ -263,12 +265,16 @@ class Service:
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> None:
         log_path = self.root / f"{name}.log"
-        log = open(log_path, "ab")
+        log = open(log_path, "ab")  # noqa: SIM115 - held for the process's lifetime, closed when it stops
         # A session of its own: Ctrl-C in the terminal reaches only the bench, which then
         # stops the service in order, and a last-resort killpg reaches every grandchild.
         process = subprocess.Popen(
-            [sys.executable, "-m", "compactor.cli", *args], cwd=REPO_ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "launcher.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.children.append(Child(name, process, log_path, log))
 
@@ -295,7 +301,7 @@ class Service:
             return self.children[0].process.pid
         for pid in children_of(self.children[0].process.pid):
             line = command_line(pid)
-            if "compactor.cli" in line and "gateway" in line:
+            if "launcher.cli" in line and "gateway" in line:
                 return pid
         raise RuntimeError("no gateway process under compactor serve")
 
@@ -417,8 +423,13 @@ def _poller(base: str, path: str, ready: Any, start_at: Any, seconds: float, res
                 found = re.search(rb'"status":"([a-z]+)"', body)
                 statuses.add(found.group(1).decode() if found else "?")
         results.put(
-            {"latencies": latencies, "errors": errors, "statuses": sorted(statuses),
-             "elapsed": time.perf_counter() - begin, "cpu": time.process_time() - cpu_start}
+            {
+                "latencies": latencies,
+                "errors": errors,
+                "statuses": sorted(statuses),
+                "elapsed": time.perf_counter() - begin,
+                "cpu": time.process_time() - cpu_start,
+            }
         )
     finally:
         reader.close()
@@ -449,10 +460,7 @@ def measure_polling(service: Service, client: Client, inputs: Inputs, pollers: i
     ready = context.Barrier(pollers + 1)
     start_at = context.Value("d", 0.0)
     results = context.Queue()
-    workers = [
-        context.Process(target=_poller, args=(service.base, path, ready, start_at, seconds, results), daemon=True)
-        for _ in range(pollers)
-    ]
+    workers = [context.Process(target=_poller, args=(service.base, path, ready, start_at, seconds, results), daemon=True) for _ in range(pollers)]
     for worker in workers:
         worker.start()
     ready.wait(timeout=60)  # every poller is connected and warm
@@ -485,7 +493,8 @@ def measure_polling(service: Service, client: Client, inputs: Inputs, pollers: i
         Figure("status poll errors", f"{sum(errors)}", "0", sum(errors) == 0, key="poll_errors"),
         Figure(
             "CPU while polling: gateway / bench client",
-            f"{gateway_cpu:.0%} / {own_cpu:.0%} of one core", key="poll_cpu",
+            f"{gateway_cpu:.0%} / {own_cpu:.0%} of one core",
+            key="poll_cpu",
         ),
     ]
 
@@ -522,8 +531,13 @@ def measure_submit_to_running(
     median, worst = statistics.median(delays), max(delays)
     note = f", {missed} not seen running" if missed else ""
     figures = [
-        Figure(f"submit → running, median of {repeats} (idle worker, {poll_ms:g} ms polls)", f"{median * 1000:.0f} ms{note}",
-               f"≤ {target_s * 1000:.0f} ms", median <= target_s and not missed, key="submit_median"),
+        Figure(
+            f"submit → running, median of {repeats} (idle worker, {poll_ms:g} ms polls)",
+            f"{median * 1000:.0f} ms{note}",
+            f"≤ {target_s * 1000:.0f} ms",
+            median <= target_s and not missed,
+            key="submit_median",
+        ),
         Figure("submit → running, max", f"{worst * 1000:.0f} ms", f"≤ {target_s * 1000:.0f} ms", worst <= target_s, key="submit_max"),
     ]
     return figures, finished
@@ -552,11 +566,16 @@ def measure_upload(service: Service, client: Client, inputs: Inputs) -> list[Fig
         Figure(
             f"upload {size / MIB:,.0f} MiB .npz to /v1/datasets, streamed by the SDK",
             f"{rate:,.0f} MB/s ({seconds:.1f} s, {outcome})",
-            "≥ 200 MB/s", rate >= 200 and outcome == "accepted", key="upload_rate",
+            "≥ 200 MB/s",
+            rate >= 200 and outcome == "accepted",
+            key="upload_rate",
         ),
         Figure(
-            "gateway peak RSS growth during the upload", f"{rss.growth_mib:.1f} MiB (VmHWM +{hwm_growth:.1f} MiB, {rss.samples} samples)",
-            "≤ 64 MiB", rss.growth_mib <= 64, key="upload_rss",
+            "gateway peak RSS growth during the upload",
+            f"{rss.growth_mib:.1f} MiB (VmHWM +{hwm_growth:.1f} MiB, {rss.samples} samples)",
+            "≤ 64 MiB",
+            rss.growth_mib <= 64,
+            key="upload_rss",
         ),
         Figure("gateway CPU during the upload", f"{gateway_cpu:.1f} s ({gateway_cpu / seconds:.0%} of one core)", key="upload_cpu"),
     ]
@@ -583,16 +602,21 @@ def measure_overhead(jobs: list[dict[str, Any]]) -> list[Figure]:
         Figure(
             f"service overhead per job, median of {len(rows)} (job median {median_total:.2f} s)",
             f"{statistics.median(overheads):.3f} s ({statistics.median(shares):.1%})",
-            "≤ 1 s or ≤ 5%", statistics.median(overheads) <= 1.0 or statistics.median(shares) <= 0.05, key="overhead_median",
+            "≤ 1 s or ≤ 5%",
+            statistics.median(overheads) <= 1.0 or statistics.median(shares) <= 0.05,
+            key="overhead_median",
         ),
         Figure("service overhead per job, max", f"{max(overheads):.3f} s ({max(shares):.1%})", "≤ 1 s or ≤ 5%", met, key="overhead_max"),
     ]
     if queued:
         # Where the overhead goes: before the worker claims the job, and inside the worker.
-        in_worker = statistics.median(o - q for (o, _), q in zip(rows, queued))
+        in_worker = statistics.median(o - q for (o, _), q in zip(rows, queued, strict=True))
         figures.append(
-            Figure("… of which created → started / in the worker outside stages, median",
-                   f"{statistics.median(queued):.3f} s / {in_worker:.3f} s", key="overhead_split")
+            Figure(
+                "… of which created → started / in the worker outside stages, median",
+                f"{statistics.median(queued):.3f} s / {in_worker:.3f} s",
+                key="overhead_split",
+            )
         )
     return figures
 

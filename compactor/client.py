@@ -256,9 +256,7 @@ class _Part:
                 "Content-Type: application/octet-stream\r\n\r\n"
             ).encode("ascii")
         else:
-            self.header = (
-                f'Content-Disposition: form-data; name="{name}"\r\nContent-Type: application/json\r\n\r\n'
-            ).encode("ascii")
+            self.header = (f'Content-Disposition: form-data; name="{name}"\r\nContent-Type: application/json\r\n\r\n').encode("ascii")
 
 
 class _MultipartBody:
@@ -396,9 +394,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     # -- plumbing
@@ -426,9 +422,7 @@ class Client:
         # Ids are opaque: quote them so no id can reach another path.
         return f"/v1/jobs/{quote(job_id, safe='')}"
 
-    def _multipart(
-        self, path: str, parts: builtins.list[_Part], on_progress: ProgressCallback | None, headers: dict[str, str] | None = None
-    ) -> Any:
+    def _multipart(self, path: str, parts: builtins.list[_Part], on_progress: ProgressCallback | None, headers: dict[str, str] | None = None) -> Any:
         body = _MultipartBody(parts, on_progress)
         request_headers = {"Content-Type": body.content_type, "Content-Length": str(body.length), **(headers or {})}
         return self._json("POST", path, content=iter(body), headers=request_headers)
@@ -577,9 +571,7 @@ class Client:
 
     # -- artifacts
 
-    def download(
-        self, job_id: str, name: str, dest: PathLike, *, on_progress: ProgressCallback | None = None
-    ) -> Path:
+    def download(self, job_id: str, name: str, dest: PathLike, *, on_progress: ProgressCallback | None = None) -> Path:
         """Stream artifact ``name`` to ``dest`` (a file path, or an existing directory to put it in).
 
         The bytes go to a temporary file next to ``dest``, are checked against the
@@ -647,16 +639,16 @@ class Client:
             raise
         return target
 
-    def download_all(
-        self, job_id: str, out_dir: PathLike, *, on_progress: Callable[[str, int, int], None] | None = None
-    ) -> builtins.list[Path]:
+    def download_all(self, job_id: str, out_dir: PathLike, *, on_progress: Callable[[str, int, int], None] | None = None) -> builtins.list[Path]:
         """Download every artifact of a succeeded job into ``out_dir``; returns the paths."""
         directory = Path(out_dir).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
         job = self.get(job_id)
         if job.get("status") != "succeeded":
             raise JobNotFinished(
-                409, "job_not_finished", "Conflict",
+                409,
+                "job_not_finished",
+                "Conflict",
                 f"the job is {job.get('status')}; artifacts can be downloaded once it has succeeded",
             )
         paths: builtins.list[Path] = []

@@ -15,7 +15,7 @@ Exit codes: 0 success; 1 the job failed or was cancelled (``submit --wait``,
 are printed, never a traceback), and a download whose checksum does not match;
 3 the server could not be reached.
 
-``compactor.cli`` registers these commands with ``add_client_commands``; ``main``
+``launcher.cli`` registers these commands with ``add_client_commands``; ``main``
 runs them alone (tests, or a client-only install). Only httpx is imported: never torch.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -175,16 +174,17 @@ def metrics_summary(metrics: dict[str, Any] | None) -> list[str]:
     else:
         lines.append(f"size:       ratio {_fmt_ratio(ratios.get('size'), '')}")
     lines.append(f"MACs:       ratio {_fmt_ratio(ratios.get('macs'), '')}")
-    lines.append(
-        f"speedup:    batch 1 {_fmt_ratio(ratios.get('speedup_batch_1'))}, batch 32 {_fmt_ratio(ratios.get('speedup_batch_32'))}"
-    )
+    lines.append(f"speedup:    batch 1 {_fmt_ratio(ratios.get('speedup_batch_1'))}, batch 32 {_fmt_ratio(ratios.get('speedup_batch_32'))}")
     return lines
 
 
 def _print_job(job: dict[str, Any], out: TextIO) -> None:
     progress = float(job.get("progress") or 0.0)
     print(f"id:         {job.get('id')}", file=out)
-    print(f"status:     {job.get('status')}" + (" (cancel requested)" if job.get("cancel_requested") and job.get("status") == "running" else ""), file=out)
+    print(
+        f"status:     {job.get('status')}" + (" (cancel requested)" if job.get("cancel_requested") and job.get("status") == "running" else ""),
+        file=out,
+    )
     print(f"stage:      {job.get('stage') or '-'}", file=out)
     print(f"progress:   {progress:.0%}", file=out)
     for key in ("created_at", "started_at", "finished_at"):
@@ -256,9 +256,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
             for text in metrics_summary(job.get("metrics")):
                 print(text)
     if job["status"] == "succeeded" and args.out:
-        paths = client.download_all(
-            job["id"], args.out, on_progress=None if not show_progress else _named_progress(line)
-        )
+        paths = client.download_all(job["id"], args.out, on_progress=None if not show_progress else _named_progress(line))
         line.done()
         for path in paths:
             print(f"saved:      {path}", file=sys.stderr if args.json else sys.stdout)
@@ -394,7 +392,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type
 
 def run_command(command: Command, args: argparse.Namespace) -> int:
     """Run one command, turning every expected failure into a message and an exit code."""
-    # compactor.cli configures INFO logging for its servers; httpx would log every request.
+    # launcher.cli configures INFO logging for its servers; httpx would log every request.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     prog = f"compactor {args.command}" if getattr(args, "command", None) else "compactor"

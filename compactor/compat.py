@@ -23,9 +23,7 @@ class DatasetFacts:
     has_targets: bool
 
 
-def check_compatibility(
-    model_format: str | None, spec: JobSpec, dataset: DatasetFacts | None, *, architecture_built: bool = False
-) -> None:
+def check_compatibility(model_format: str | None, spec: JobSpec, dataset: DatasetFacts | None, *, architecture_built: bool = False) -> None:
     """Raise ``InvalidSpec`` / ``UnsupportedCombination`` (with ``field``) for what cannot run.
 
     ``model_format`` is the format detected from the upload's content

@@ -16,9 +16,9 @@ import json
 import logging
 import threading
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from collections.abc import Iterator
 from typing import Any
 
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(process)d] %(name)s: %(message)s%(job_suffix)s"
@@ -63,9 +63,7 @@ class JobContextFilter(logging.Filter):
         for name in JOB_FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, fields.get(name))
-        record.job_suffix = (
-            " [" + " ".join(f"{k}={fields[k]}" for k in JOB_FIELDS if k in fields) + "]" if fields else ""
-        )
+        record.job_suffix = " [" + " ".join(f"{k}={fields[k]}" for k in JOB_FIELDS if k in fields) + "]" if fields else ""
         return True
 
 

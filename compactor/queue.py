@@ -38,13 +38,17 @@ class BrokerUnavailable(Exception):
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, attempt: int = 1) -> str:
         """Send the job to the workers; returns the Celery task id ``<job_id>-<attempt>``."""
+
     def enqueue_notification(self, job_id: str) -> bool:
         """Send ``compactor.notify_job`` for a job that just ended; False (logged) when it could
         not be sent. Never raises: a webhook must not fail or delay the job's own outcome."""
+
     def revoke(self, job_id: str, attempts: int = 1) -> None:
         """Best effort: revoke the tasks of attempts 1..attempts (the store's state is the real guard)."""
+
     def ping(self) -> None:
         """Raise BrokerUnavailable when the broker cannot be reached."""
+
     def depth(self) -> int | None:
         """Messages waiting in the queue, or None when the broker cannot tell."""
 

@@ -131,8 +131,7 @@ class TargetSpec(_Section):
 class NotifySpec(_Section):
     url: str = Field(
         max_length=2048,
-        description="http(s) URL POSTed (signed, see Compactor-Signature) when the job ends; "
-        "its host must be on the server's webhook allowlist.",
+        description="http(s) URL POSTed (signed, see Compactor-Signature) when the job ends; its host must be on the server's webhook allowlist.",
         examples=["https://hooks.example.com/compactor"],
     )
 
@@ -173,7 +172,7 @@ class JobSpec(_Section):
     notify: NotifySpec | None = None
 
     @model_validator(mode="after")
-    def _target_needs_prune(self) -> "JobSpec":
+    def _target_needs_prune(self) -> JobSpec:
         if self.target is not None and self.prune is None:
             raise ValueError("target.max_accuracy_drop searches a prune amount: add a 'prune' section (its amount is the upper bound)")
         return self

@@ -34,10 +34,16 @@ def requirement_name(requirement: str) -> str:
     return normalize(match.group(1))
 
 
+def service_dependencies(pyproject: Path) -> list[str]:
+    """What the service needs: the base dependencies (the client's) and the ``service`` extra."""
+    with pyproject.open("rb") as handle:
+        project = tomllib.load(handle)["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["service"]]
+
+
 def split(pyproject: Path) -> tuple[list[str], list[str]]:
     """(gateway requirements, torch-stack requirements), in pyproject.toml's order."""
-    with pyproject.open("rb") as handle:
-        dependencies: list[str] = tomllib.load(handle)["project"]["dependencies"]
+    dependencies = service_dependencies(pyproject)
     gateway = [req for req in dependencies if requirement_name(req) not in TORCH_STACK]
     torch = [req for req in dependencies if requirement_name(req) in TORCH_STACK]
     return gateway, torch

@@ -11,16 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from compactor.settings import Settings, get_settings
 from compactor.storage import StorageUnavailable
+from service import metrics
 from service.deps import Resources
-from service.fastpath import JobPollFastPath
-from service.metrics import RequestMetricsMiddleware, metrics_registry
 from service.errors import (
     RETRY_AFTER_SECONDS,
     ErrorItem,
@@ -28,9 +27,9 @@ from service.errors import (
     install_error_handlers,
     problem_response,
 )
-from service import metrics
-from service.routes import events, health, jobs, uploads
-from service.routes import dashboard
+from service.fastpath import JobPollFastPath
+from service.metrics import RequestMetricsMiddleware, metrics_registry
+from service.routes import dashboard, events, health, jobs, uploads
 from service.schemas import JobRequest
 
 log = logging.getLogger("service")
@@ -79,10 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
 
-    async def _storage_unavailable(request: Any, exc: StorageUnavailable) -> Any:
+    async def _storage_unavailable(request: Request, exc: Exception) -> Response:
         log.warning("artifact storage unavailable: %s", exc)
         return problem_response(
-            request, 503, "storage_unavailable", "the artifact storage is unavailable; retry shortly",
+            request,
+            503,
+            "storage_unavailable",
+            "the artifact storage is unavailable; retry shortly",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
@@ -100,9 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _, defs = models_json_schema(
                 [(Problem, "serialization"), (ErrorItem, "serialization"), (JobRequest, "validation")],
                 ref_template="#/components/schemas/{model}",

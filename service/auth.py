@@ -58,7 +58,7 @@ class KeyRing:
         return found
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "KeyRing":
+    def from_settings(cls, settings: Settings) -> KeyRing:
         pairs = parse_pairs(settings.api_keys.replace("\n", ",").split(","), "COMPACTOR_API_KEYS")
         if settings.api_keys_file is not None:
             text = settings.api_keys_file.expanduser().read_text(encoding="utf-8")
@@ -101,6 +101,5 @@ def check_bind_allowed(settings: Settings, keyring: KeyRing | None = None) -> No
         loopback = False
     if not loopback:
         raise RuntimeError(
-            f"no API keys are configured: refusing to listen on {host}; set COMPACTOR_API_KEYS, "
-            "listen on 127.0.0.1, or pass --insecure"
+            f"no API keys are configured: refusing to listen on {host}; set COMPACTOR_API_KEYS, listen on 127.0.0.1, or pass --insecure"
         )

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compactor.spec import error_location
 from compactor.errors import CompactorError
 from compactor.queue import BrokerUnavailable
+from compactor.spec import error_location
 from compactor.store.base import StoreUnavailable
 
 log = logging.getLogger("service.errors")
@@ -177,9 +177,7 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return problem_response(
-        request, exc.status, exc.code, exc.detail, headers=exc.headers, errors=exc.errors, extra=exc.extra
-    )
+    return problem_response(request, exc.status, exc.code, exc.detail, headers=exc.headers, errors=exc.errors, extra=exc.extra)
 
 
 async def _compactor_error(request: Request, exc: CompactorError) -> JSONResponse:
@@ -195,7 +193,10 @@ async def _compactor_error(request: Request, exc: CompactorError) -> JSONRespons
 async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
     log.warning("job store unavailable: %s", exc)
     return problem_response(
-        request, 503, "store_unavailable", "the job store is unavailable; retry shortly",
+        request,
+        503,
+        "store_unavailable",
+        "the job store is unavailable; retry shortly",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
@@ -203,7 +204,10 @@ async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONRes
 async def _broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
     log.warning("broker unavailable: %s", exc)
     return problem_response(
-        request, 503, "broker_unavailable", "the job queue is unavailable; retry shortly",
+        request,
+        503,
+        "broker_unavailable",
+        "the job queue is unavailable; retry shortly",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 

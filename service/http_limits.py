@@ -54,7 +54,7 @@ def _head_too_large_response(limit: int) -> bytes:
 
 if HttpToolsProtocol is not None:
 
-    class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, refusing request heads larger than ``max_head_bytes``.
 
         The count covers every byte received from the start of a request until its headers

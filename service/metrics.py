@@ -44,9 +44,7 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0),
 )
-HTTP_RESPONSES = Counter(
-    "compactor_http_responses_total", "Responses sent, by route template and status code.", ["method", "route", "status"]
-)
+HTTP_RESPONSES = Counter("compactor_http_responses_total", "Responses sent, by route template and status code.", ["method", "route", "status"])
 UPLOAD_BYTES = Counter("compactor_upload_bytes_total", "Bytes of model and dataset files stored.", ["kind"])
 UPLOADS = Counter("compactor_uploads_total", "Model and dataset files stored.", ["kind"])
 
@@ -155,7 +153,9 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
         token = bearer_token(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(token.encode(), settings.metrics_token.encode()):
             raise ApiError(
-                401, "unauthorized", "this server's /metrics wants 'Authorization: Bearer <metrics token>'",
+                401,
+                "unauthorized",
+                "this server's /metrics wants 'Authorization: Bearer <metrics token>'",
                 headers={"WWW-Authenticate": 'Bearer realm="compactor-metrics"'},
             )
     registry: CollectorRegistry = request.app.state.metrics_registry

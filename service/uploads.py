@@ -153,7 +153,7 @@ class Part:
     name: str
     filename: str | None
     content_type: str | None
-    _reader: "_MultipartReader" = field(repr=False)
+    _reader: _MultipartReader = field(repr=False)
 
     @property
     def is_file(self) -> bool:
@@ -208,7 +208,7 @@ class _MultipartReader:
         }
         try:
             self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        except Exception as exc:  # python-multipart refuses some boundaries itself
+        except Exception as exc:  # noqa: BLE001 - python-multipart refuses some boundaries itself
             raise malformed(f"unusable multipart boundary: {exc}") from None
 
     def _on_part_begin(self) -> None:
@@ -261,7 +261,7 @@ class _MultipartReader:
                     self._parser.write(chunk)
             except ApiError:
                 raise
-            except Exception as exc:  # python-multipart raises its own errors on malformed input
+            except Exception as exc:  # noqa: BLE001 - python-multipart raises its own errors on malformed input
                 raise malformed(f"malformed multipart body: {exc}") from None
         return self._events.popleft()
 
@@ -334,9 +334,7 @@ def multipart_boundary(request: Request) -> bytes:
     if kind != MULTIPART or not boundary:
         raise malformed("multipart/form-data needs a boundary parameter")
     if not _BOUNDARY.fullmatch(boundary):
-        raise malformed(
-            "the multipart boundary must be 1-70 characters of letters, digits and '()+_,-./:=? (RFC 2046)"
-        )
+        raise malformed("the multipart boundary must be 1-70 characters of letters, digits and '()+_,-./:=? (RFC 2046)")
     return boundary
 
 

@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import TinyCNN, load_digits_tensors, top1, train_classifier
+from tests.support.models import TinyCNN, load_digits_tensors, train_classifier
+
+pytest_plugins = ("tests.support.fixtures",)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,5 +34,3 @@ def _trained_tiny_cnn(digits) -> TinyCNN:
 def tiny_cnn(_trained_tiny_cnn: TinyCNN) -> TinyCNN:
     """A fresh copy of the seeded, trained tiny CNN (tests may mutate it)."""
     return copy.deepcopy(_trained_tiny_cnn).eval()
-
-

@@ -127,5 +127,5 @@ def test_facts_drive_the_rules() -> None:
 def test_a_job_hands_back_the_exporters_artifacts_and_the_report() -> None:
     from worker.sandbox import ARTIFACT_NAMES
 
-    assert ARTIFACT_NAMES == {facts.artifact for facts in catalogue.EXPORTERS.values()} | {"report.json"}
+    assert {facts.artifact for facts in catalogue.EXPORTERS.values()} | {"report.json"} == ARTIFACT_NAMES
     assert all(facts.progress_weight > 0 for facts in catalogue.STAGES.values())

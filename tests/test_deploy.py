@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from compactor.cli import build_parser
 from compactor.settings import Settings
+from launcher.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -41,7 +41,10 @@ COMPACTOR_SERVICES = ("gateway", "worker-gpu", "worker-cpu")
 WORKERS = ("worker-gpu", "worker-cpu")
 # Distribution name → import name, for every package the gateway image leaves out.
 TORCH_STACK_MODULES = {
-    "torch": "torch", "torchvision": "torchvision", "torch-pruning": "torch_pruning", "safetensors": "safetensors",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "torch-pruning": "torch_pruning",
+    "safetensors": "safetensors",
 }
 ENV_PREFIX = "COMPACTOR_"
 
@@ -52,6 +55,7 @@ ENV_PREFIX = "COMPACTOR_"
 def _interpolate(value: Any) -> Any:
     """Compose's ${VAR:-default} / ${VAR-default} / ${VAR}, resolved as if no variable were set."""
     if isinstance(value, str):
+
         def default(match: re.Match[str]) -> str:
             return match.group(3) or ""
 
@@ -226,9 +230,7 @@ def test_every_compactor_variable_is_a_settings_field() -> None:
     assert Settings.model_config.get("env_prefix") == ENV_PREFIX
     variables = _compactor_variables_set()
     assert {"COMPACTOR_DATA_DIR", "COMPACTOR_BROKER_URL", "COMPACTOR_STORE_URL", "COMPACTOR_API_KEYS"} <= set(variables)
-    unknown = {
-        key: sorted(where) for key, where in variables.items() if key[len(ENV_PREFIX):].lower() not in Settings.model_fields
-    }
+    unknown = {key: sorted(where) for key, where in variables.items() if key[len(ENV_PREFIX) :].lower() not in Settings.model_fields}
     assert not unknown, f"COMPACTOR_* variables that compactor.settings.Settings does not read: {unknown}"
 
 
@@ -251,7 +253,7 @@ def test_env_example_ships_no_api_key_and_the_gateway_then_refuses_to_listen() -
     example = _parse_env_file(ENV_EXAMPLE)
     assert example.get("COMPACTOR_API_KEYS", "") == "", "the committed example must not carry a key"
     assert "COMPACTOR_INSECURE" not in example, "insecure mode must stay commented out in the example"
-    settings = Settings(**{key[len(ENV_PREFIX):].lower(): value for key, value in example.items()}, host="0.0.0.0")
+    settings = Settings(**{key[len(ENV_PREFIX) :].lower(): value for key, value in example.items()}, host="0.0.0.0")
     with pytest.raises(RuntimeError, match="no API keys"):
         check_bind_allowed(settings)
 
@@ -280,12 +282,7 @@ def test_gateway_port_agrees_everywhere() -> None:
     container_port = int(published[0].rsplit(":", 1)[-1].split("/")[0])
     dockerfile = _dockerfile()
     image_args = _parse_cli(json.loads(dockerfile.last(dockerfile.default_target, "CMD")))
-    exposed = {
-        int(port.split("/")[0])
-        for target in dockerfile.stages
-        for ports in dockerfile.effective(target, "EXPOSE")
-        for port in ports.split()
-    }
+    exposed = {int(port.split("/")[0]) for target in dockerfile.stages for ports in dockerfile.effective(target, "EXPOSE") for port in ports.split()}
     health = urlparse(_healthcheck_url(dockerfile, "gateway"))
     assert image_args.command == "gateway" and image_args.host == "0.0.0.0"
     assert {args.port, container_port, image_args.port, health.port} == exposed == {8000}
@@ -387,8 +384,8 @@ def test_dockerfile_builds_lean_non_root_images() -> None:
     gateway_from = dockerfile.last("gateway", "COPY").split()[0]
     full_from = dockerfile.last(dockerfile.default_target, "COPY").split()[0]
     assert gateway_from != full_from
-    assert any("deps-gateway" == s.name for s in dockerfile.chain(gateway_from.split("=", 1)[1]))
-    assert any("deps-full" == s.name for s in dockerfile.chain(full_from.split("=", 1)[1]))
+    assert any(s.name == "deps-gateway" for s in dockerfile.chain(gateway_from.split("=", 1)[1]))
+    assert any(s.name == "deps-full" for s in dockerfile.chain(full_from.split("=", 1)[1]))
     assert "PIP_NO_CACHE_DIR" in dockerfile.env("gateway")
 
 
@@ -411,12 +408,12 @@ def test_dockerignore_allows_exactly_what_the_dockerfile_copies() -> None:
 def test_dockerfile_pins_the_torch_pair_from_pyproject() -> None:
     module = _requirements_module()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    dependencies = pyproject["project"]["dependencies"]
+    dependencies = [*pyproject["project"]["dependencies"], *pyproject["project"]["optional-dependencies"]["service"]]
     gateway, torch = module.split(ROOT / "pyproject.toml")
     assert sorted(gateway + torch) == sorted(dependencies)
     assert "torch==2.14.1" in torch and "torchvision==0.29.1" in torch
     assert {module.requirement_name(req) for req in torch} == set(module.TORCH_STACK) == set(TORCH_STACK_MODULES)
-    assert pyproject["project"]["scripts"]["compactor"] == "compactor.cli:main"
+    assert pyproject["project"]["scripts"]["compactor"] == "launcher.cli:main"
 
 
 # -- the gateway image really is torch-free ----------------------------------------------------------
@@ -461,7 +458,7 @@ def test_gateway_starts_and_answers_healthz_with_the_torch_stack_unimportable(tm
 
         sys.meta_path.insert(0, Block())
 
-        from compactor.cli import build_parser
+        from launcher.cli import build_parser
         from compactor.settings import Settings
         from fastapi.testclient import TestClient
         from service.app import create_app
@@ -480,9 +477,7 @@ def test_gateway_starts_and_answers_healthz_with_the_torch_stack_unimportable(tm
         """
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
@@ -503,7 +498,11 @@ def _run_compose(*args: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DEPLOY_", "COMPOSE_", "COMPACTOR_"))}
     return subprocess.run(
         [_docker_compose(), "--project-directory", str(ROOT), "-f", str(COMPOSE), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -1,4 +1,4 @@
-from tests.helpers import top1
+from tests.support.models import top1
 
 
 def test_tiny_cnn_reaches_ninety_percent_on_held_out_digits(tiny_cnn, digits) -> None:

@@ -73,9 +73,7 @@ def _preload_core(**_: Any) -> None:
     start_fork_server()  # imports torch in its own process while this one loads the core
     # Whether this kernel can confine uploaded TorchScript, logged now rather than at the first
     # such job (which would wait for it): a self-test child, once the fork server is up.
-    threading.Thread(
-        target=confinement_status, args=(get_settings().resolved_data_dir,), name="confinement-self-test", daemon=True
-    ).start()
+    threading.Thread(target=confinement_status, args=(get_settings().resolved_data_dir,), name="confinement-self-test", daemon=True).start()
     import worker.compression.pipeline  # noqa: F401
 
     threads = get_settings().torch_threads
@@ -88,7 +86,7 @@ def _preload_core(**_: Any) -> None:
 
 
 def _is_notifier() -> bool:
-    # `compactor notifier` (compactor/cli.py) consumes webhooks only: no torch, no reaper.
+    # `compactor notifier` (launcher/cli.py) consumes webhooks only: no torch, no reaper.
     return os.environ.get("COMPACTOR_WORKER_ROLE") == "notifier"
 
 
@@ -98,8 +96,8 @@ def _start_reaper(**_: Any) -> None:
     if _is_notifier():
         return
     from compactor.store import open_store
-    from worker.reaper import Reaper
     from compactor.webhooks import notify_url_of
+    from worker.reaper import Reaper
     from worker.runtime import open_queue
 
     settings = get_settings()

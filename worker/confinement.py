@@ -55,6 +55,7 @@ kernel that each layer holds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -177,7 +178,12 @@ def _landlock(read: Iterable[Path], read_files: Iterable[Path], write: Iterable[
         "landlock_create_ruleset",
     )
     try:
-        for paths, rights in ((read, READ), (read_files, FS_READ_FILE | FS_READ_DIR), (write, SCRATCH), (devices, FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV)):
+        for paths, rights in (
+            (read, READ),
+            (read_files, FS_READ_FILE | FS_READ_DIR),
+            (write, SCRATCH),
+            (devices, FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV),
+        ):
             for path in paths:
                 _add_path_rule(ruleset, path, rights & handled_fs)
         _prctl(_PR_SET_NO_NEW_PRIVS, 1, what="PR_SET_NO_NEW_PRIVS")
@@ -196,7 +202,9 @@ def _add_path_rule(ruleset: int, path: Path, rights: int) -> None:
             rights &= _FILE_RIGHTS
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
         _check(
-            _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)),
+            _libc.syscall(
+                _SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)
+            ),
             f"landlock_add_rule({path})",
         )
     finally:
@@ -207,14 +215,47 @@ def _add_path_rule(ruleset: int, path: Path, rights: int) -> None:
 
 # x86_64 syscall numbers refused with EPERM (EACCES for sockets, ENOSYS for clone3).
 _X86_64_DENIED = {
-    "socket": 41, "socketpair": 53, "execve": 59, "execveat": 322, "fork": 57, "vfork": 58,
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "mount": 165, "umount2": 166,
-    "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308, "kexec_load": 246,
-    "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176, "bpf": 321,
-    "perf_event_open": 298, "keyctl": 250, "add_key": 248, "request_key": 249, "userfaultfd": 323,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "mknod": 133, "mknodat": 259,
-    "open_by_handle_at": 304, "name_to_handle_at": 303, "swapon": 167, "swapoff": 168, "reboot": 169,
-    "syslog": 103, "acct": 163, "quotactl": 179, "fanotify_init": 300, "personality": 135,
+    "socket": 41,
+    "socketpair": 53,
+    "execve": 59,
+    "execveat": 322,
+    "fork": 57,
+    "vfork": 58,
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "unshare": 272,
+    "setns": 308,
+    "kexec_load": 246,
+    "kexec_file_load": 320,
+    "init_module": 175,
+    "finit_module": 313,
+    "delete_module": 176,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "keyctl": 250,
+    "add_key": 248,
+    "request_key": 249,
+    "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "mknod": 133,
+    "mknodat": 259,
+    "open_by_handle_at": 304,
+    "name_to_handle_at": 303,
+    "swapon": 167,
+    "swapoff": 168,
+    "reboot": 169,
+    "syslog": 103,
+    "acct": 163,
+    "quotactl": 179,
+    "fanotify_init": 300,
+    "personality": 135,
 }
 _X86_64_CLONE = 56
 _X86_64_CLONE3 = 435
@@ -337,8 +378,8 @@ def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _read_roots() -> list[Path]:
     """What the interpreter and the core need to import and run: nothing of the data directory."""
-    import worker
     import compactor
+    import worker
 
     roots = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.exec_prefix), Path(worker.__file__).parent, Path(compactor.__file__).parent}
     for entry in sys.path:
@@ -415,12 +456,10 @@ def confine(policy: Policy) -> None:
         devices += sorted(Path("/dev").glob("nvidia*"))
         read_roots += [Path(p) for p in _GPU_DIRS]
     apply_limits(policy)
-    try:
+    # Belt and braces only: the seccomp filter below refuses every socket anyway. Containers
+    # without CAP_SYS_ADMIN (Docker's default) cannot create the namespace.
+    with contextlib.suppress(ConfinementError):
         _new_network_namespace()
-    except ConfinementError:
-        # Belt and braces only: the seccomp filter below refuses every socket anyway. Containers
-        # without CAP_SYS_ADMIN (Docker's default) cannot create the namespace.
-        pass
     _drop_capabilities()
     if _capabilities_effective() != 0:
         raise ConfinementError("capabilities are still effective after dropping them")

@@ -198,7 +198,7 @@ class LeaseKeeper:
                 JobStatus.failed,
                 error=JobError(code="timeout", message="the job ran past its hard time limit and was stopped"),
             )
-        except Exception:  # noqa: BLE001 - the lease then expires and the reaper decides
+        except Exception:  # the lease then expires and the reaper decides
             log.exception("could not record the hard timeout of job %s", self.job_id)
         if self._on_hard_timeout is not None:
             self._on_hard_timeout()

@@ -28,6 +28,7 @@ secrets (API keys, store URLs, webhook secrets), so no child ever holds them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -185,10 +186,9 @@ def _child_main(conn: Connection, request: bytes) -> None:
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:
-    try:
+    # The parent went away or the message is too large: the exit code speaks.
+    with contextlib.suppress(OSError, ValueError):
         conn.send_bytes(json.dumps(message, default=str).encode())
-    except (OSError, ValueError):
-        pass  # the parent went away or the message is too large; the exit code speaks
 
 
 def _error_document(exc: BaseException) -> dict[str, Any]:
@@ -224,11 +224,9 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
         file_bytes=limits["file_bytes"],
         gpu=bool(body["gpu"]),
     )
-    try:
-        # The job, not its worker or the fork server, is what the kernel's OOM killer should take.
+    # The job, not its worker or the fork server, is what the kernel's OOM killer should take.
+    with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
     if body["confined"]:
         confine(policy)  # before a single byte of the upload is read
     else:
@@ -274,9 +272,7 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 _ERRORS_BY_CODE: dict[str, type[CompactorError]] = {
-    cls.code: cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, CompactorError) and cls is not CompactorError
+    cls.code: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, CompactorError) and cls is not CompactorError
 }
 
 
@@ -383,10 +379,8 @@ def run_in_child(job: ChildJob, *, progress: Callable[[str, float], None], shoul
                 elif "result" in message or "error" in message:
                     final = message
                     received = time.perf_counter()
-            elif not child.is_alive():
-                # Drain what it said before exiting.
-                if not receive.poll(0):
-                    break
+            elif not child.is_alive() and not receive.poll(0):
+                break  # it exited and everything it said has been read
             if should_stop():
                 raise Cancelled("the job was stopped")
             if stage == "load" and time.monotonic() > load_deadline and final is None:

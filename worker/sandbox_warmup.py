@@ -42,7 +42,12 @@ def warm_up() -> float:
         data = synthetic_data([1, 1, 8, 8], num_samples=32, seed=0)
         quick = BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,), threads=1)
         specs = (
-            {"model": {"input_shape": [1, 1, 8, 8]}, "device": "cpu", "prune": {"amount": 0.25}, "quantize": {"mode": "static", "calibration_batches": 1}},
+            {
+                "model": {"input_shape": [1, 1, 8, 8]},
+                "device": "cpu",
+                "prune": {"amount": 0.25},
+                "quantize": {"mode": "static", "calibration_batches": 1},
+            },
             {"model": {"input_shape": [1, 1, 8, 8]}, "device": "cpu", "quantize": {"mode": "dynamic"}},
         )
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="compactor-warmup-") as out:
@@ -50,7 +55,7 @@ def warm_up() -> float:
             for index, spec in enumerate(specs):
                 subject = model if index == 0 else torch.jit.script(model)
                 compress(subject, parse_spec(spec), data, out_dir=Path(out) / str(index), benchmark=quick)
-    except Exception:  # noqa: BLE001 - a failed warm-up costs speed, never a job
+    except Exception:  # a failed warm-up costs speed, never a job
         log.exception("warming up the job fork server failed; jobs start cold")
     finally:
         torch.set_num_threads(threads)

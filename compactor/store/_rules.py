@@ -115,9 +115,7 @@ def _holds_lease(job: Job, owner: str) -> bool:
     return job.status is JobStatus.running and job.lease_owner == owner
 
 
-def heartbeaten(
-    job: Job, owner: str, lease_seconds: float, now: datetime, *, stage: Stage | None, progress: float
-) -> Job | None:
+def heartbeaten(job: Job, owner: str, lease_seconds: float, now: datetime, *, stage: Stage | None, progress: float) -> Job | None:
     _check_lease_seconds(lease_seconds)
     if not math.isfinite(progress):
         raise ValueError(f"progress must be a finite number, not {progress!r}")

@@ -153,9 +153,7 @@ class RedisJobStore:
                 except redis_errors.WatchError:
                     continue
 
-    def _newest_first(
-        self, key: str, newest_micros: int | str, oldest_micros: int | str, count: int | None = None
-    ) -> list[tuple[str, float]]:
+    def _newest_first(self, key: str, newest_micros: int | str, oldest_micros: int | str, count: int | None = None) -> list[tuple[str, float]]:
         """(id, created_at µs) pairs of ``key`` between the two scores, newest first.
         (redis-py types replies loosely; with decode_responses they are str and float.)"""
         reply = self._redis.zrange(
@@ -242,9 +240,7 @@ class RedisJobStore:
         job = Job.model_validate_json(raw)
         return job if tenant is None or job.tenant == tenant else None
 
-    def list_jobs(
-        self, tenant: str, *, status: JobStatus | None = None, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[Job], str | None]:
+    def list_jobs(self, tenant: str, *, status: JobStatus | None = None, limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         _rules.check_list_limit(limit)
         wanted_status = JobStatus(status) if status is not None else None
         key = self._tenant_jobs_key(tenant, wanted_status)
@@ -264,11 +260,7 @@ class RedisJobStore:
             loaded = self._load_jobs([job_id for job_id, _ in page])
         # A job deleted or moved to another status since the index was read is left out
         # rather than shown stale; the cursor still advances past it.
-        jobs = [
-            job
-            for job in loaded
-            if job is not None and job.tenant == tenant and (wanted_status is None or job.status is wanted_status)
-        ]
+        jobs = [job for job in loaded if job is not None and job.tenant == tenant and (wanted_status is None or job.status is wanted_status)]
         next_cursor = None
         if len(entries) > limit:
             last_id, last_score = page[-1]
@@ -319,9 +311,7 @@ class RedisJobStore:
         job, changed = self._update_job(job_id, lambda job: _rules.claimed(job, owner, lease_seconds, self._clock()))
         return job if changed else None
 
-    def heartbeat(
-        self, job_id: str, owner: str, lease_seconds: float, *, stage: Stage | None, progress: float
-    ) -> Job | None:
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float, *, stage: Stage | None, progress: float) -> Job | None:
         job, changed = self._update_job(
             job_id,
             lambda job: _rules.heartbeaten(job, owner, lease_seconds, self._clock(), stage=stage, progress=progress),
@@ -340,9 +330,7 @@ class RedisJobStore:
     ) -> Job | None:
         job, changed = self._update_job(
             job_id,
-            lambda job: _rules.finished(
-                job, owner, JobStatus(status), self._clock(), error=error, metrics=metrics, artifacts=artifacts
-            ),
+            lambda job: _rules.finished(job, owner, JobStatus(status), self._clock(), error=error, metrics=metrics, artifacts=artifacts),
         )
         return job if changed else None
 
@@ -352,9 +340,7 @@ class RedisJobStore:
 
     def requeue_expired(self, now: datetime) -> list[Job]:
         with self._available():
-            expired_ids = cast(
-                list[str], self._redis.zrange(self._leases_key, "-inf", _rules.to_micros(now), byscore=True)
-            )
+            expired_ids = cast(list[str], self._redis.zrange(self._leases_key, "-inf", _rules.to_micros(now), byscore=True))
         changed_jobs: list[Job] = []
         for job_id in expired_ids:
             job, changed = self._update_job(job_id, lambda job: _rules.after_lease_expiry(job, now))
@@ -378,8 +364,7 @@ class RedisJobStore:
         with self._available():
             # One index per tenant and status; tenants are few, so a SCAN per scrape is cheap.
             keys = {
-                status: list(self._redis.scan_iter(match=self._tenant_jobs_key("*", status).replace("%2A", "*"), count=500))
-                for status in JobStatus
+                status: list(self._redis.scan_iter(match=self._tenant_jobs_key("*", status).replace("%2A", "*"), count=500)) for status in JobStatus
             }
             pipe = self._redis.pipeline(transaction=False)
             for status in JobStatus:

@@ -106,9 +106,7 @@ class SQLiteJobStore:
             # isolation_level=None: no implicit transactions; each racing write opens
             # its own BEGIN IMMEDIATE. check_same_thread=False only so that close() and the
             # sweep of ended threads can close them; each is still used by one thread only.
-            connection = sqlite3.connect(
-                self.path, timeout=self._busy_timeout_seconds, isolation_level=None, check_same_thread=False
-            )
+            connection = sqlite3.connect(self.path, timeout=self._busy_timeout_seconds, isolation_level=None, check_same_thread=False)
             connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_seconds * 1000)}")
             # In WAL mode NORMAL cannot corrupt the database; a power cut may only lose
             # the last commits, and leases recover jobs from that.
@@ -165,9 +163,7 @@ class SQLiteJobStore:
                     conn.execute(statement)
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 if version > _SCHEMA_VERSION:
-                    raise StoreUnavailable(
-                        f"the job store {self.path} was written by a newer Compactor (schema {version})"
-                    )
+                    raise StoreUnavailable(f"the job store {self.path} was written by a newer Compactor (schema {version})")
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from exc
@@ -222,9 +218,7 @@ class SQLiteJobStore:
 
     def get_upload(self, upload_id: str, tenant: str) -> Upload | None:
         with self._reading() as connection:
-            row = connection.execute(
-                "SELECT doc FROM uploads WHERE id = ? AND tenant = ?", (upload_id, tenant)
-            ).fetchone()
+            row = connection.execute("SELECT doc FROM uploads WHERE id = ? AND tenant = ?", (upload_id, tenant)).fetchone()
         return None if row is None else Upload.model_validate_json(row[0])
 
     def delete_upload(self, upload_id: str, tenant: str) -> bool:
@@ -247,9 +241,7 @@ class SQLiteJobStore:
                 if existing is not None:
                     return existing
             try:
-                connection.execute(
-                    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", self._job_row(job)
-                )
+                connection.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", self._job_row(job))
             except sqlite3.IntegrityError as exc:
                 # The idempotency key was checked under the same write lock, so only the id can clash.
                 raise ValueError(f"a job with id {job.id} already exists") from exc
@@ -260,14 +252,10 @@ class SQLiteJobStore:
             if tenant is None:
                 row = connection.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
             else:
-                row = connection.execute(
-                    "SELECT doc FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
-                ).fetchone()
+                row = connection.execute("SELECT doc FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
         return self._load_job(row)
 
-    def list_jobs(
-        self, tenant: str, *, status: JobStatus | None = None, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[Job], str | None]:
+    def list_jobs(self, tenant: str, *, status: JobStatus | None = None, limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         _rules.check_list_limit(limit)
         conditions = ["tenant = ?"]
         parameters: list[Any] = [tenant]
@@ -307,9 +295,7 @@ class SQLiteJobStore:
         job, changed = self._update_job(job_id, lambda job: _rules.claimed(job, owner, lease_seconds, self._clock()))
         return job if changed else None
 
-    def heartbeat(
-        self, job_id: str, owner: str, lease_seconds: float, *, stage: Stage | None, progress: float
-    ) -> Job | None:
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float, *, stage: Stage | None, progress: float) -> Job | None:
         job, changed = self._update_job(
             job_id,
             lambda job: _rules.heartbeaten(job, owner, lease_seconds, self._clock(), stage=stage, progress=progress),
@@ -328,9 +314,7 @@ class SQLiteJobStore:
     ) -> Job | None:
         job, changed = self._update_job(
             job_id,
-            lambda job: _rules.finished(
-                job, owner, JobStatus(status), self._clock(), error=error, metrics=metrics, artifacts=artifacts
-            ),
+            lambda job: _rules.finished(job, owner, JobStatus(status), self._clock(), error=error, metrics=metrics, artifacts=artifacts),
         )
         return job if changed else None
 

@@ -46,8 +46,12 @@ async def readyz(request: Request, resources: ResourcesDep) -> Any:
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         return problem_response(
-            request, 503, "not_ready", f"not ready: {', '.join(failed)} unavailable",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, extra={"checks": checks},
+            request,
+            503,
+            "not_ready",
+            f"not ready: {', '.join(failed)} unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            extra={"checks": checks},
         )
     depth = await run_in_threadpool(lambda: resources.queue.depth())
     return JSONResponse(Health(status="ok", checks=checks, queue_depth=depth).model_dump())

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,112 +32,10 @@ from compactor.client import (
     Unauthorized,
     WaitTimeout,
 )
-from compactor.jobs import JobError, JobStatus, Stage
-from compactor.settings import Settings
-from service.app import create_app
-from tests.service.conftest import ALICE, BOB, Files, files, make_settings, uvicorn_in_thread  # noqa: F401  (fixtures)
-
-WORKER = "test-worker"
-METRICS: dict[str, Any] = {
-    "original": {"accuracy": {"top1": 0.9, "top5": 1.0}, "size_bytes": 2_000_000},
-    "compressed": {"accuracy": {"top1": 0.885, "top5": 1.0}, "size_bytes": 500_000},
-    "ratios": {"size": 0.25, "params": 0.5, "macs": 0.5, "speedup_batch_1": 1.5, "speedup_batch_32": 2.25},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    app: Any
-    settings: Settings
-
-    @property
-    def store(self) -> Any:
-        return self.app.state.resources.store
-
-    @property
-    def storage(self) -> Any:
-        return self.app.state.resources.storage
-
-    def client(self, key: str | None = ALICE, **kwargs: Any) -> Client:
-        return Client(self.url, key, **kwargs)
-
-    # -- the worker's side of the store contract, for real
-
-    def claim(self, job_id: str) -> None:
-        assert self.store.claim(job_id, WORKER, 30.0) is not None
-
-    def progress(self, job_id: str, stage: Stage, progress: float) -> None:
-        assert self.store.heartbeat(job_id, WORKER, 30.0, stage=stage, progress=progress) is not None
-
-    def succeed(self, job_id: str, tmp_path: Path, artifacts: dict[str, bytes] | None = None) -> dict[str, bytes]:
-        artifacts = artifacts or {"model.ts": b"compressed model " * 300, "report.json": json.dumps(METRICS).encode()}
-        stored = []
-        for name, content in artifacts.items():
-            source = tmp_path / f"src-{job_id}-{name}"
-            source.write_bytes(content)
-            stored.append(self.storage.put_artifact(job_id, name, source))
-        assert self.store.finish(job_id, WORKER, JobStatus.succeeded, metrics=METRICS, artifacts=stored) is not None
-        return artifacts
-
-    def fail(self, job_id: str) -> None:
-        error = JobError(code="invalid_model", message="the model could not be loaded")
-        assert self.store.finish(job_id, WORKER, JobStatus.failed, error=error) is not None
-
-    def queued_job_id(self, timeout: float = 20.0) -> str:
-        """The id of the first queued job, once one exists (for submissions made by another thread)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = [j for j in self.store.unfinished_jobs() if j.status is JobStatus.queued]
-            if jobs:
-                return str(jobs[0].id)
-            time.sleep(0.02)
-        raise AssertionError("no job was submitted")
-
-
-@contextmanager
-def running_server(settings: Settings) -> Iterator[Server]:
-    """A real uvicorn server for ``settings`` on a free loopback port, in a thread."""
-    app = create_app(settings)
-    with uvicorn_in_thread(app) as base:
-        yield Server(base, app, settings)
-
-
-@pytest.fixture()
-def server(make_settings: Callable[..., Settings]) -> Iterator[Server]:  # noqa: F811
-    with running_server(make_settings()) as running:
-        yield running
-
-
-@dataclass
-class Inputs:
-    model: Path
-    dataset: Path
-    state_dict: Path
-    unsafe: Path
-
-
-@pytest.fixture()
-def inputs(tmp_path: Path, files: Files) -> Inputs:  # noqa: F811
-    paths = Inputs(tmp_path / "tiny.ts", tmp_path / "digits.npz", tmp_path / "weights.pt", tmp_path / "whole.pt")
-    paths.model.write_bytes(files.torchscript)
-    paths.dataset.write_bytes(files.dataset_npz)
-    paths.state_dict.write_bytes(files.state_dict)
-    paths.unsafe.write_bytes(files.unsafe)
-    return paths
-
-
-def drive_to_success(server: Server, job_id: str, tmp_path: Path) -> dict[str, bytes]:
-    server.claim(job_id)
-    server.progress(job_id, Stage.prune, 0.5)
-    return server.succeed(job_id, tmp_path)
-
+from compactor.jobs import Stage
+from tests.support.gateway import ALICE, BOB
+from tests.support.jobs import REPO_ROOT, free_port
+from tests.support.live_server import METRICS, Inputs, Server, drive_to_success, running_server
 
 # -- submission
 
@@ -356,7 +252,7 @@ def test_problem_json_maps_to_exceptions(server: Server, inputs: Inputs) -> None
         assert denied.value.status == 401 and denied.value.code == "unauthorized"
 
 
-def test_uploads_past_the_limit_are_payload_too_large(make_settings, inputs: Inputs, tmp_path: Path) -> None:  # noqa: F811
+def test_uploads_past_the_limit_are_payload_too_large(make_settings, inputs: Inputs, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
     with running_server(make_settings(max_upload_bytes=1000)) as small, small.client() as client:
@@ -395,12 +291,45 @@ def test_defaults_come_from_the_environment(server: Server, inputs: Inputs, monk
     assert Client().url == "http://127.0.0.1:8000"
 
 
-def test_client_never_imports_torch() -> None:
+# What `pip install 'compactor[service]'` adds and the client must do without.
+SERVICE_ONLY = [
+    "torch",
+    "torchvision",
+    "torch_pruning",
+    "safetensors",
+    "numpy",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "multipart",
+    "python_multipart",
+    "celery",
+    "kombu",
+    "redis",
+    "prometheus_client",
+    "service",
+    "worker",
+]
+
+
+def test_the_client_needs_httpx_alone() -> None:
+    """`pip install compactor` installs httpx only; the SDK and the client commands work with it."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert [requirement.split(">")[0] for requirement in pyproject["project"]["dependencies"]] == ["httpx"]
     code = (
-        "import sys, compactor.client, compactor.client_cli\n"
-        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'torchvision', 'fastapi', 'worker', 'service')))\n"
+        "import sys\n"
+        f"BLOCKED = {SERVICE_ONLY!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is not installed with the client')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import compactor.client, compactor.client_cli, launcher.cli\n"
+        "launcher.cli.build_parser().parse_args(['status', 'job_x'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\n"
         "assert not loaded, loaded\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr

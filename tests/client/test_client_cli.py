@@ -13,18 +13,9 @@ import pytest
 
 from compactor.client_cli import ProgressLine, TransferProgress, main, metrics_summary
 from compactor.jobs import Stage
-from tests.client.test_client import (  # noqa: F401  (fixtures)
-    METRICS,
-    Inputs,
-    Server,
-    drive_to_success,
-    files,
-    free_port,
-    inputs,
-    make_settings,
-    server,
-)
-from tests.service.conftest import ALICE
+from tests.support.gateway import ALICE
+from tests.support.jobs import free_port
+from tests.support.live_server import METRICS, Inputs, Server, drive_to_success
 
 
 def run(capsys: pytest.CaptureFixture[str], server: Server | None, *argv: str, key: str = ALICE) -> tuple[int, str, str]:
@@ -36,8 +27,18 @@ def run(capsys: pytest.CaptureFixture[str], server: Server | None, *argv: str, k
 
 
 def test_submit_prints_the_job_id(capsys, server: Server, inputs: Inputs) -> None:
-    code, out, err = run(capsys, server, "submit", str(inputs.model), "--dataset", str(inputs.dataset),
-                         "--spec", '{"quantize": {"mode": "dynamic"}}', "--idempotency-key", "cli-1")
+    code, out, err = run(
+        capsys,
+        server,
+        "submit",
+        str(inputs.model),
+        "--dataset",
+        str(inputs.dataset),
+        "--spec",
+        '{"quantize": {"mode": "dynamic"}}',
+        "--idempotency-key",
+        "cli-1",
+    )
     assert code == 0
     job_id = out.strip()
     job = server.store.get_job(job_id)
@@ -177,7 +178,7 @@ def test_connection_refused_exits_3(capsys, monkeypatch) -> None:
 
 
 def test_registered_on_the_compactor_command(capsys, server: Server, inputs: Inputs, monkeypatch) -> None:
-    from compactor import cli
+    from launcher import cli
 
     monkeypatch.setenv("COMPACTOR_URL", server.url)
     monkeypatch.setenv("COMPACTOR_API_KEY", ALICE)

@@ -8,7 +8,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compactor.errors import Cancelled, InvalidSpec
-from tests.helpers import TinyCNN, batches_of
+from tests.support.models import TinyCNN, batches_of
 from worker.compression.context import RunContext
 from worker.compression.criteria import CRITERIA, Criterion, get_criterion, register_criterion
 from worker.compression.pruning import ElementScoreImportance, prunable_layers, scoring_parameters

@@ -11,7 +11,7 @@ import torch
 
 from compactor.errors import InvalidSpec
 from compactor.spec import JobSpec
-from tests.helpers import top1
+from tests.support.models import top1
 from worker.compression.data import Dataset, split_dataset
 from worker.compression.pipeline import BenchmarkOptions, compress
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compactor.spec import StaticQuantizeSpec
-from tests.helpers import TinyCNN, batches_of, top1
+from tests.support.models import TinyCNN, batches_of, top1
 from worker.compression.context import RunContext
 from worker.compression.export import save_state_dict, save_torchscript, to_torchscript, verify_reload
 from worker.compression.quantization import quantize, torchscript_has_int8_ops

@@ -16,7 +16,7 @@ import operator
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from compactor.errors import InvalidModel, UnsafeModel
 from compactor.graph_ops import ALLOWED_OPS
 from compactor.torchscript_code import check_torchscript_code, torchscript_code_ops
-from tests.helpers import TinyCNN
+from tests.support.models import TinyCNN
 from worker.compression.graph_check import (
     _fx_op_name,
     check_exported_program,
@@ -106,18 +106,34 @@ def _assert_both_accept(module: torch.jit.ScriptModule, tmp_path: Path) -> None:
 # with `make sweep` (pytest -m sweep), which `make bench` includes.
 _ONE_PER_FAMILY = frozenset(
     {
-        "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
-        "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
-        "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "swin_t",
-        "swin_v2_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2",
+        "alexnet",
+        "convnext_tiny",
+        "densenet121",
+        "efficientnet_b0",
+        "efficientnet_v2_s",
+        "googlenet",
+        "inception_v3",
+        "maxvit_t",
+        "mnasnet0_5",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "regnet_x_400mf",
+        "regnet_y_400mf",
+        "resnet18",
+        "resnext50_32x4d",
+        "shufflenet_v2_x0_5",
+        "squeezenet1_0",
+        "swin_t",
+        "swin_v2_t",
+        "vgg11_bn",
+        "vit_b_32",
+        "wide_resnet50_2",
     }
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=() if name in _ONE_PER_FAMILY else pytest.mark.sweep) for name in TORCHVISION_CLASSIFIERS]
-)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in _ONE_PER_FAMILY else pytest.mark.sweep) for name in TORCHVISION_CLASSIFIERS])
 def test_torchvision_classifiers_pass_both_checkers(name: str, tmp_path: Path) -> None:
     """Scripted and traced: both forms are built from one model (building is half the cost of the sweep)."""
     model = _torchvision_model(name)
@@ -184,7 +200,7 @@ class _EveryConstruct(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])
         self.calls = 0
 
-    def forward(self, x: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         self.calls = self.calls + 1
         if x.dim() != 4:
             raise ValueError(f"expected 4D input, got {x.dim()}D")
@@ -219,7 +235,7 @@ def test_every_structural_construct_passes_both_checkers(tmp_path: Path) -> None
 
 
 class _ShadowsBuiltins(nn.Module):
-    def forward(self, x: torch.Tensor, print: int, ops: int, fork: int) -> torch.Tensor:  # noqa: A002
+    def forward(self, x: torch.Tensor, print: int, ops: int, fork: int) -> torch.Tensor:
         return x + print + ops + fork
 
 
@@ -229,7 +245,6 @@ def test_locals_named_like_builtins_are_not_ops(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- (c) attacks
-
 
 
 class _ReadsFile(nn.Module):
@@ -319,7 +334,7 @@ class _ReadsInWithBlock(nn.Module):
         return x
 
 
-def _read_hook(module: nn.Module, inputs: Tuple[torch.Tensor]) -> Tuple[torch.Tensor]:
+def _read_hook(module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
     return (inputs[0] + torch.from_file("/etc/hostname", shared=False, size=4, dtype=torch.uint8).sum(),)
 
 

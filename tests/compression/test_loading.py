@@ -14,7 +14,7 @@ import torchvision
 
 from compactor.errors import InvalidModel, InvalidSpec, ModelTooLarge, UnsafeModel
 from compactor.spec import ModelSpec
-from tests.helpers import TinyCNN
+from tests.support.models import TinyCNN
 from worker.compression.loading import LoadLimits, build_architecture, load_model
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.:FutureWarning")
@@ -89,9 +89,7 @@ def test_safetensors_upload_loads_into_the_named_arch(tmp_path: Path, resnet18_1
     _assert_same_outputs(loaded.module, resnet18_10, probe)
 
 
-def test_checkpoints_without_batchnorm_counters_load_with_zero_counters(
-    tmp_path: Path, resnet18_10: torch.nn.Module, probe: torch.Tensor
-) -> None:
+def test_checkpoints_without_batchnorm_counters_load_with_zero_counters(tmp_path: Path, resnet18_10: torch.nn.Module, probe: torch.Tensor) -> None:
     tensors = {key: value for key, value in resnet18_10.state_dict().items() if not key.endswith("num_batches_tracked")}
     path = tmp_path / "upload"
     safetensors.torch.save_file(tensors, path)
@@ -219,7 +217,7 @@ def test_broken_torchscript_code_is_invalid_model(tmp_path: Path, tiny_cnn: Tiny
         for info in zin.infolist():
             data = zin.read(info)
             # TorchScript mangles class names once a class was scripted before in this process
-            # (code/__torch__/tests/helpers/___torch_mangle_N.py), so match on content.
+            # (code/__torch__/tests/support/models/___torch_mangle_N.py), so match on content.
             if "/code/__torch__/" in info.filename and info.filename.endswith(".py") and b"def forward" in data:
                 data = b"def forward(self) -> Tensor:\n    return )))\n"
                 broke += 1

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compactor.errors import InvalidSpec
-from tests.helpers import TinyCNN, batches_of, top1
+from tests.support.models import TinyCNN, batches_of, top1
 from worker.compression.measure import (
     count_macs,
     count_parameters,

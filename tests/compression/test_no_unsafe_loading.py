@@ -17,7 +17,7 @@ import torch
 
 from compactor.errors import UnsafeModel
 from compactor.spec import JobSpec
-from tests.helpers import TinyCNN, load_digits_tensors
+from tests.support.models import TinyCNN, load_digits_tensors
 from worker.compression.pipeline import BenchmarkOptions, compress_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,9 +94,7 @@ def test_no_product_source_loads_without_the_safe_flag() -> None:
             for call in _load_calls(ast.parse(path.read_text(), str(path))):
                 owner = call.func.value.id  # type: ignore[attr-defined]
                 flags = {kw.arg: kw.value for kw in call.keywords}
-                safe = (
-                    owner == "torch" and isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True
-                ) or (
+                safe = (owner == "torch" and isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True) or (
                     owner in {"np", "numpy"} and isinstance(flags.get("allow_pickle"), ast.Constant) and flags["allow_pickle"].value is False
                 )
                 if not safe:

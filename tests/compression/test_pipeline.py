@@ -13,7 +13,7 @@ import torchvision
 
 from compactor.errors import Cancelled, CompactorError
 from compactor.spec import JobSpec
-from tests.helpers import TinyCNN, top1
+from tests.support.models import TinyCNN, top1
 from worker.compression.data import Dataset, split_dataset
 from worker.compression.loading import LoadedModel, load_model
 from worker.compression.pipeline import BenchmarkOptions, compress, compress_files
@@ -35,11 +35,7 @@ def _spec(**sections) -> JobSpec:
 
 def _load_in_fresh_process(path: Path, shape: list[int]) -> list[int]:
     """Load model.ts with plain torch in a new interpreter (no Compactor import) and run it."""
-    code = (
-        "import sys, torch\n"
-        f"m = torch.jit.load({str(path)!r})\n"
-        f"print(list(m(torch.randn({shape})).shape))\n"
-    )
+    code = f"import sys, torch\nm = torch.jit.load({str(path)!r})\nprint(list(m(torch.randn({shape})).shape))\n"
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -181,7 +177,13 @@ def test_channel_pruning_of_torchvision_models_exports_loadable_torchscript(arch
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
     spec = JobSpec.model_validate({"model": {"input_shape": [1, 3, 32, 32]}, "prune": {"granularity": "channel", "amount": 0.5}})
-    result = compress(LoadedModel(module=model, format="state_dict", scripted=False, arch=arch), spec, None, out_dir=tmp_path, benchmark=BenchmarkOptions(warmup=1, runs=2))
+    result = compress(
+        LoadedModel(module=model, format="state_dict", scripted=False, arch=arch),
+        spec,
+        None,
+        out_dir=tmp_path,
+        benchmark=BenchmarkOptions(warmup=1, runs=2),
+    )
     assert result.metrics["ratios"]["params"] < 0.6
     assert result.metrics["ratios"]["macs"] < 0.6
     assert _load_in_fresh_process(tmp_path / "model.ts", [2, 3, 32, 32]) == [2, 10]
@@ -281,4 +283,3 @@ def test_compress_refuses_what_the_gateway_refuses_with_the_same_words(tiny_cnn)
     with pytest.raises(UnsupportedCombination, match="scores weights by gradients") as info:
         compress(tiny_cnn, _spec(prune={"criterion": "taylor", "granularity": "unstructured"}), None, benchmark=QUICK)
     assert info.value.field == "prune.criterion"
-

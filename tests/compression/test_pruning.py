@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from compactor.errors import InvalidDataset, InvalidSpec, UnsupportedCombination
-from tests.helpers import TinyCNN, batches_of, top1
+from tests.support.models import TinyCNN, batches_of, top1
 from worker.compression.context import RunContext
 from worker.compression.criteria import get_criterion
 from worker.compression.pruning import (

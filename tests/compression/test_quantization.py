@@ -8,7 +8,7 @@ from torch import nn
 
 from compactor.errors import Cancelled, InvalidDataset, InvalidSpec, UnsupportedCombination
 from compactor.spec import DynamicQuantizeSpec, StaticQuantizeSpec
-from tests.helpers import batches_of, top1
+from tests.support.models import batches_of, top1
 from worker.compression.context import RunContext
 from worker.compression.export import to_torchscript
 from worker.compression.measure import torchscript_size
@@ -93,9 +93,7 @@ def test_static_falls_back_to_submodules_when_fx_cannot_trace(tiny_cnn, digits) 
     ctx = RunContext()
     model = _RankFlexibleNet(tiny_cnn).eval()
 
-    result = quantize(
-        model, StaticQuantizeSpec(calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx
-    )
+    result = quantize(model, StaticQuantizeSpec(calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx)
 
     assert result.method == "fx_per_submodule"
     assert any("FX could not trace" in warning for warning in ctx.warnings)
@@ -184,7 +182,9 @@ def test_progress_is_monotonic_and_reaches_one(tiny_cnn, digits) -> None:
     _, _, test_x, _ = digits
     seen: list[float] = []
     ctx = RunContext(progress=lambda stage, fraction: seen.append(fraction))
-    quantize(tiny_cnn, StaticQuantizeSpec(backend="qnnpack", calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx)
+    quantize(
+        tiny_cnn, StaticQuantizeSpec(backend="qnnpack", calibration_batches=2), example_inputs=test_x[:1], calibration=_calibration(digits), ctx=ctx
+    )
     assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 1.0
 
 

@@ -47,11 +47,20 @@ class Chromium:
 
     def __init__(self, binary: str, profile_dir: Path, log_path: Path, *, start_timeout: float = 30.0) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - held for the process's lifetime, closed when it stops
         self.process = subprocess.Popen(
-            [binary, *CHROMIUM_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile_dir}",
-             "--no-first-run", "--no-default-browser-check", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile_dir}",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,
         )
         try:
             self.websocket_url = self._wait_listening(start_timeout)
@@ -91,15 +100,12 @@ class CDP:
     def __init__(self, websocket_url: str) -> None:
         self._resources = ExitStack()
         # Screenshots arrive as one base64 message: allow large frames.
-        self._ws: ClientConnection = self._resources.enter_context(
-            connect(websocket_url, max_size=64 * 2**20, open_timeout=10)
-        )
+        self._ws: ClientConnection = self._resources.enter_context(connect(websocket_url, max_size=64 * 2**20, open_timeout=10))
         self._ids = itertools.count(1)
         # Events in arrival order: (sessionId or None, method, params).
         self.events: list[tuple[str | None, str, dict[str, Any]]] = []
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
-             timeout: float = 30.0) -> dict[str, Any]:
+    def call(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
         message_id = next(self._ids)
         message: dict[str, Any] = {"id": message_id, "method": method, "params": params or {}}
         if session is not None:
@@ -128,8 +134,15 @@ class CDP:
             self.events.append((message.get("sessionId"), message["method"], message.get("params", {})))
         return message
 
-    def wait_event(self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda _: True, *,
-                   session: str | None = None, timeout: float = 30.0, since: int = 0) -> dict[str, Any]:
+    def wait_event(
+        self,
+        method: str,
+        predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+        *,
+        session: str | None = None,
+        timeout: float = 30.0,
+        since: int = 0,
+    ) -> dict[str, Any]:
         """The first event ``method`` (of ``session``, from index ``since`` on) that satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         seen = since
@@ -155,8 +168,7 @@ class CDP:
         tab = Tab(self, session)
         for domain in ("Page", "Runtime", "Log"):
             tab.call(f"{domain}.enable")
-        tab.call("Emulation.setDeviceMetricsOverride",
-                 {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        tab.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
         return tab
 
     def close(self) -> None:
@@ -182,9 +194,14 @@ class Tab:
 
     def evaluate(self, expression: str, *, await_promise: bool = False) -> Any:
         """The JSON value of ``expression`` in the page; raises with the page's message if it throws."""
-        result = self.call("Runtime.evaluate", {
-            "expression": expression, "returnByValue": True, "awaitPromise": await_promise,
-        })
+        result = self.call(
+            "Runtime.evaluate",
+            {
+                "expression": expression,
+                "returnByValue": True,
+                "awaitPromise": await_promise,
+            },
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             text = details.get("exception", {}).get("description") or details.get("text")
@@ -207,10 +224,14 @@ class Tab:
         # Only the tab in front renders frames; a capture of one behind it would wait forever.
         self.call("Page.bringToFront")
         size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-        data = self.call("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
-        })["data"]
+        data = self.call(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            },
+        )["data"]
         path.write_bytes(base64.b64decode(data))
         return path
 

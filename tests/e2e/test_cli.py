@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.worker.support import REPO_ROOT, Proc, child_env, free_port
+from tests.support.jobs import REPO_ROOT, Proc, child_env, free_port
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "compactor.cli", *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -26,8 +30,7 @@ def test_help_lists_the_topologies(tmp_path: Path) -> None:
 def test_open_mode_refuses_a_public_address_without_insecure(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     for command in ("serve", "gateway"):
-        result = run_cli(command, "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(data_dir),
-                         env=child_env(data_dir))
+        result = run_cli(command, "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(data_dir), env=child_env(data_dir))
         assert result.returncode == 2, result.stderr
         assert "no API keys are configured" in result.stderr and "--insecure" in result.stderr
     assert not (data_dir / "jobs.sqlite3").exists(), "a refused serve must not have started anything"
@@ -39,7 +42,7 @@ def test_gpu_worker_pins_its_device_before_torch_loads(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "one job at a time" in refused.stderr
 
     worker = Proc(
-        [sys.executable, "-m", "compactor.cli", "worker", "--gpu", "3", "--name", "gpu3@%h"],
+        [sys.executable, "-m", "launcher.cli", "worker", "--gpu", "3", "--name", "gpu3@%h"],
         child_env(data_dir, CUDA_VISIBLE_DEVICES="0,1,2,3"),
         tmp_path / "worker.log",
     )
@@ -56,20 +59,23 @@ def test_children_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
     import os
     import signal
 
-    from tests.worker.support import pid_alive, wait_for
+    from tests.support.jobs import pid_alive, wait_for
 
     port = free_port()
     # A stand-in supervisor: starts a gateway the way `compactor serve` does, then is killed.
     parent_script = (
         "import os, subprocess, sys, time\n"
         "env = dict(os.environ, COMPACTOR_SUPERVISOR_PID=str(os.getpid()))\n"
-        f"child = subprocess.Popen([sys.executable, '-m', 'compactor.cli', 'gateway', '--port', '{port}'], env=env)\n"
+        f"child = subprocess.Popen([sys.executable, '-m', 'launcher.cli', 'gateway', '--port', '{port}'], env=env)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", parent_script], cwd=REPO_ROOT, env=child_env(tmp_path / "data"),
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", parent_script],
+        cwd=REPO_ROOT,
+        env=child_env(tmp_path / "data"),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert parent.stdout is not None
     gateway_pid = int(parent.stdout.readline())
@@ -96,13 +102,17 @@ def test_cli_and_worker_modules_do_not_load_torch(tmp_path: Path) -> None:
     """The CLI, the supervisor and a prefork parent must not load torch (CUDA) before forking."""
     script = (
         "import sys\n"
-        "import compactor.cli, compactor.processes, worker.celery_app, worker.tasks, worker.runner\n"
-        "compactor.cli.build_parser()\n"
+        "import launcher.cli, launcher.processes, worker.celery_app, worker.tasks, worker.runner\n"
+        "launcher.cli.build_parser()\n"
         "print(sorted(m for m in ('torch', 'torchvision', 'worker.compression.pipeline') if m in sys.modules))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, env=child_env(tmp_path / "data"),
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=child_env(tmp_path / "data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

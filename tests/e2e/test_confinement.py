@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from tests.e2e.test_serve import Serve
-from tests.worker import hostile_models
-from tests.worker.support import QUICK_SPEC, wait_for
+from tests.support import hostile_models
+from tests.support.jobs import QUICK_SPEC, wait_for
 
 SECRET = b"tenant-b-secret-5d1e0c77\n"
 
@@ -57,9 +57,7 @@ def _scripted_bytes(module: torch.jit.ScriptModule) -> bytes:
 
 
 def _submit(serve: Serve, model: bytes):
-    return serve.client.post(
-        "/v1/jobs", files={"model": ("model.ts", model), "spec": (None, json.dumps(QUICK_SPEC))}
-    )
+    return serve.client.post("/v1/jobs", files={"model": ("model.ts", model), "spec": (None, json.dumps(QUICK_SPEC))})
 
 
 def test_hostile_programs_are_refused_at_submission_and_touch_nothing(serve: Serve, tmp_path: Path) -> None:

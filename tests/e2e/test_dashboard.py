@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -32,8 +33,8 @@ import torch
 
 from tests.e2e.cdp import CDP, Chromium, Tab, find_chromium
 from tests.e2e.test_serve import Serve
-from tests.helpers import TinyCNN, load_digits_tensors, train_classifier
-from tests.worker.support import REPO_ROOT, write_digits_dataset
+from tests.support.jobs import REPO_ROOT, write_digits_dataset
+from tests.support.models import TinyCNN, load_digits_tensors, train_classifier
 
 ALICE_KEY = "alice-dashboard-key"
 BOB_KEY = "bob-dashboard-key"
@@ -144,8 +145,7 @@ def test_page_and_assets_are_served_with_a_strict_policy(server: Serve) -> None:
     # The page is public (it holds no data); the API behind it is not.
     assert server.client.get("/v1/jobs").status_code == 401
 
-    for name, media_type in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css"),
-                             ("favicon.svg", "image/svg+xml")):
+    for name, media_type in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css"), ("favicon.svg", "image/svg+xml")):
         asset = server.client.get(f"/static/{name}")
         assert asset.status_code == 200 and asset.headers["Content-Type"].startswith(media_type), name
         assert asset.headers["X-Content-Type-Options"] == "nosniff"
@@ -221,7 +221,7 @@ def test_the_page_follows_a_job_to_success_and_shows_its_report(
         # A live progress bar: the page showed the job part-way, and never going backwards.
         partway = [state["progress"] for state in seen if 0 < state["progress"] < 1]
         assert partway, f"the page never showed the job part-way: {seen}"
-        assert all(a["progress"] <= b["progress"] for a, b in zip(seen, seen[1:])), seen
+        assert all(a["progress"] <= b["progress"] for a, b in itertools.pairwise(seen)), seen
         shot(tab, artifacts_dir, "dashboard-jobs.png")
 
         # The job view, through the link in the list.
@@ -272,8 +272,7 @@ def test_the_page_follows_a_job_to_success_and_shows_its_report(
         # A download through the page sends the key and saves the artifact's exact bytes.
         downloads = tmp_path / "downloads"
         downloads.mkdir()
-        browser.call("Browser.setDownloadBehavior",
-                     {"behavior": "allow", "downloadPath": str(downloads), "eventsEnabled": True})
+        browser.call("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads), "eventsEnabled": True})
         since = len(browser.events)
         tab.evaluate("document.querySelector('#artifacts a[data-artifact=\"model.ts\"]').click()")
         browser.wait_event("Browser.downloadProgress", lambda event: event["state"] != "inProgress", timeout=20, since=since)
@@ -336,7 +335,8 @@ def test_the_event_stream_parser_handles_any_split_of_the_stream(browser: CDP, s
     """The page's SSE parser, in the browser, fed the same stream cut at every pair of positions."""
     tab = browser.new_tab()
     tab.navigate(f"{server.base}/#key={ALICE_KEY}")
-    result = tab.evaluate("""(async () => {
+    result = tab.evaluate(
+        """(async () => {
       const { SSEParser } = await import("./static/dashboard.js");
       const stream = "retry: 1500\\r\\n\\r\\n: keep-alive\\n\\n"
         + "id: 1.running.finetune.0.5\\nevent: job\\ndata: {\\"id\\": \\"job_1\\"}\\n\\n"
@@ -358,7 +358,9 @@ def test_the_event_stream_parser_handles_any_split_of_the_stream(browser: CDP, s
         }
       }
       return { whole: JSON.parse(whole), mismatches };
-    })()""", await_promise=True)
+    })()""",
+        await_promise=True,
+    )
     assert result["mismatches"] == 0
     assert result["whole"] == {
         "retry": 1500,

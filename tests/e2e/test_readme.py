@@ -15,13 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from tests.e2e.test_serve import Serve
-from tests.helpers import top1, train_classifier
+from tests.support.models import top1, train_classifier
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TRAIN_SAMPLES = 480
@@ -89,7 +88,9 @@ def test_readme_curl_examples_run_against_a_live_server(tmp_path: Path) -> None:
     )
     scored = subprocess.run(
         [sys.executable, "-I", "-W", "ignore", "-c", scoring, str(work / "model.ts"), str(tmp_path / "heldout.pt")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert scored.returncode == 0, scored.stderr
     heldout_top1 = float(scored.stdout.strip())

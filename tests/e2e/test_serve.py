@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.worker.support import (
+from tests.support.jobs import (
     QUICK_SPEC,
     Proc,
     child_env,
@@ -53,8 +53,7 @@ class Serve:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = Proc(
-            [sys.executable, "-m", "compactor.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--stop-timeout", "20"],
+            [sys.executable, "-m", "launcher.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--stop-timeout", "20"],
             child_env(data_dir, COMPACTOR_LEASE_SECONDS=LEASE_SECONDS, COMPACTOR_HEARTBEAT_SECONDS="0.5", **env),
             log_path,
             new_session=True,
@@ -150,14 +149,13 @@ def download_and_load(client: httpx.Client, job: dict[str, Any], destination: Pa
     assert int(response.headers["Content-Length"]) == recorded["size_bytes"] == len(response.content)
     destination.write_bytes(response.content)
     # Plain torch, a fresh interpreter, no Compactor code: what a user does with the file.
-    script = (
-        "import sys, torch\n"
-        "model = torch.jit.load(sys.argv[1])\n"
-        "print(tuple(model(torch.rand(4, 1, 8, 8)).shape))\n"
-    )
+    script = "import sys, torch\nmodel = torch.jit.load(sys.argv[1])\nprint(tuple(model(torch.rand(4, 1, 8, 8)).shape))\n"
     loaded = subprocess.run(
         [sys.executable, "-I", "-W", "ignore", "-c", script, str(destination)],
-        capture_output=True, text=True, timeout=120, cwd=destination.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=destination.parent,
     )
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "(4, 10)"
@@ -223,7 +221,8 @@ def test_killed_processes_are_recovered_after_the_lease_expires(tmp_path: Path, 
     os.kill(worker_pid, signal.SIGKILL)
     wait_for(
         lambda: [pid for pid in children_of(first.proc.pid) if "worker" in command_line(pid) and pid != worker_pid],
-        20, "the supervisor to start a new worker",
+        20,
+        "the supervisor to start a new worker",
     )
 
     def second_attempt_training() -> bool:
@@ -276,9 +275,7 @@ def redis_db() -> Iterator[str]:
 
 @pytest.mark.redis
 def test_submit_to_success_on_redis(tmp_path: Path, inputs, serves: list[Serve], redis_db: str) -> None:
-    serve = Serve(
-        tmp_path / "data", tmp_path / "serve.log", COMPACTOR_BROKER_URL=redis_db, COMPACTOR_STORE_URL=redis_db
-    )
+    serve = Serve(tmp_path / "data", tmp_path / "serve.log", COMPACTOR_BROKER_URL=redis_db, COMPACTOR_STORE_URL=redis_db)
     serves.append(serve)
     assert serve.client.get("/readyz").status_code == 200
     job = submit(serve.client, inputs, QUICK_SPEC)

@@ -1,7 +1,7 @@
 """A small real deployment for the fault scenarios: worker processes, a gateway, Redis.
 
-Workers are ``python -m compactor.cli worker`` (solo pool) and the gateway is
-``python -m compactor.cli gateway``, sharing one data directory and one Redis (broker on
+Workers are ``python -m launcher.cli worker`` (solo pool) and the gateway is
+``python -m launcher.cli gateway``, sharing one data directory and one Redis (broker on
 one database, job store on another). The test is the operator: it kills processes,
 restarts them the way a supervisor would, and reads what happened from the store and the
 workers' logs (``tests/faults/ledger.py``).
@@ -30,7 +30,7 @@ from compactor.spec import parse_spec
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from tests.faults.ledger import Ledger
-from tests.worker.support import TENANT, Proc, add_upload, child_env, free_port, wait_answering, wait_for
+from tests.support.jobs import TENANT, Proc, add_upload, child_env, free_port, wait_answering, wait_for
 
 # Short leases so that recovery takes seconds (production: 30 s lease, 1 s heartbeat).
 LEASE_SECONDS = 3.0
@@ -61,7 +61,7 @@ class Cluster:
     # Extra COMPACTOR_* (or other) variables for the workers, e.g. time limits.
     worker_env: Mapping[str, str] = field(default_factory=dict)
     # What runs a worker: the CLI, or a test launcher that wraps it (see visibility_worker.py).
-    worker_module: str = "compactor.cli"
+    worker_module: str = "launcher.cli"
     lease_seconds: float = LEASE_SECONDS
     # CPU priority of the workers (nice), for hosts where they share cores with the gateway.
     worker_niceness: int = 0
@@ -256,7 +256,7 @@ class Cluster:
     # -- gateway
 
     def start_gateway(self) -> Proc:
-        argv = [sys.executable, "-m", "compactor.cli", "gateway", "--port", str(self.gateway_port)]
+        argv = [sys.executable, "-m", "launcher.cli", "gateway", "--port", str(self.gateway_port)]
         self.gateway = Proc(argv, self.env(), self.logs / f"gateway-{new_id('g')}.log")
         wait_answering(self.gateway, self.base_url, interval=0.05)
         return self.gateway
@@ -309,7 +309,7 @@ def flush_databases(urls: Iterable[str]) -> None:
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (from /proc)."""
-    from tests.worker.support import children_of
+    from tests.support.jobs import children_of
 
     tree, frontier = [pid], [pid]
     while frontier:

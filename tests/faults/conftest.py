@@ -13,6 +13,7 @@ COMPACTOR_REQUIRE_REDIS=1 (as in the rest of the suite).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import redis
 
 from tests.faults.cluster import Cluster, ClusterFactory, flush_databases
 from tests.faults.ledger import FaultRow, render_table
-from tests.worker.support import redis_or_skip, write_digits_dataset, write_torchscript_model
+from tests.support.jobs import redis_or_skip, write_digits_dataset, write_torchscript_model
 
 BROKER_URL = "redis://127.0.0.1:6379/10"
 STORE_URL = "redis://127.0.0.1:6379/11"
@@ -61,10 +62,8 @@ def make_cluster(tmp_path: Path, shared_redis: tuple[str, str]) -> Iterator[Clus
     for cluster in made:
         cluster.close()
     for urls in flushed:
-        try:
+        with contextlib.suppress(redis.RedisError):  # a scenario's own server may be gone already
             flush_databases(urls)
-        except redis.RedisError:
-            pass  # a scenario's own server may be gone already
 
 
 @pytest.fixture()

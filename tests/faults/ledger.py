@@ -19,6 +19,7 @@ the scenario's deadline, it is missing from the store or not in a terminal state
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -76,9 +77,7 @@ class Ledger:
             open_attempt: Attempt | None = None
             for line in path.read_text(errors="replace").splitlines():
                 if claim := _CLAIM.match(line):
-                    open_attempt = Attempt(
-                        claim["job"], claim["owner"], int(claim["pid"]), _moment(claim["ts"])
-                    )
+                    open_attempt = Attempt(claim["job"], claim["owner"], int(claim["pid"]), _moment(claim["ts"]))
                     ledger.attempts[open_attempt.job_id].append(open_attempt)
                 elif (end := _TASK_END.match(line)) and open_attempt is not None and end["task"] == open_attempt.task_id:
                     # A solo worker runs one task at a time, so the next end line of this task is this attempt's.
@@ -100,7 +99,7 @@ class Ledger:
         """Why ``job_id`` counts as duplicated (empty: it did not)."""
         reasons: list[str] = []
         attempts = sorted(self.attempts.get(job_id, []), key=lambda attempt: attempt.started)
-        for earlier, later in zip(attempts, attempts[1:]):
+        for earlier, later in itertools.pairwise(attempts):
             if earlier.ended is None or later.started < earlier.ended:
                 reasons.append(f"attempt by {later.owner} started while {earlier.owner} was still running")
         recorded = sorted(self.recorded.get(job_id, []))

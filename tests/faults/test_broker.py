@@ -27,7 +27,7 @@ from compactor.jobs import JobStatus, Stage, utcnow
 from tests.faults.cluster import ClusterFactory
 from tests.faults.ledger import FaultRow, count_duplicated, count_lost, count_status, describe
 from tests.faults.visibility_worker import VISIBILITY_TIMEOUT_ENV
-from tests.worker.support import QUICK_SPEC, finetune_spec, free_port, wait_for
+from tests.support.jobs import QUICK_SPEC, finetune_spec, free_port, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
 
@@ -38,9 +38,7 @@ REDIS_DOWN_SECONDS = 2.0
 OUTAGE_LEASE_SECONDS = 5.0
 
 
-def test_a_job_longer_than_the_visibility_timeout_runs_once(
-    make_cluster: ClusterFactory, inputs: dict[str, Path], record_row: RowRecorder
-) -> None:
+def test_a_job_longer_than_the_visibility_timeout_runs_once(make_cluster: ClusterFactory, inputs: dict[str, Path], record_row: RowRecorder) -> None:
     cluster = make_cluster(
         worker_module="tests.faults.visibility_worker",
         worker_env={VISIBILITY_TIMEOUT_ENV: str(VISIBILITY_TIMEOUT_SECONDS)},
@@ -59,7 +57,12 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(
     record_row(
         FaultRow(
             f"job runs past the broker's visibility timeout ({VISIBILITY_TIMEOUT_SECONDS} s here)",
-            len(everything), count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs), count_duplicated(ledger, jobs), None,
+            len(everything),
+            count_status(jobs, JobStatus.succeeded),
+            0,
+            count_lost(jobs),
+            count_duplicated(ledger, jobs),
+            None,
             f"Redis redelivered it {len(redelivered)}× while it ran; the lease turned each delivery away",
         )
     )
@@ -90,14 +93,27 @@ class RedisServer:
         with open(self.directory / "redis.log", "ab") as log:
             self.process = subprocess.Popen(
                 [
-                    binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.directory),
                     # What the README asks of production: every write logged; a write is in the
                     # file before its client gets the answer, so a killed process loses nothing
                     # acknowledged (fsync once a second: an OS crash could lose that second).
-                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                    "--maxmemory-policy", "noeviction",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--maxmemory-policy",
+                    "noeviction",
                 ],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
 
@@ -167,10 +183,13 @@ def test_redis_killed_with_jobs_queued_and_running(
         record_row(
             FaultRow(
                 f"Redis SIGKILLed for {REDIS_DOWN_SECONDS:g} s with 2 jobs running, 4 queued (AOF on)",
-                len(everything), count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs),
-                count_duplicated(ledger, jobs), recovery,
-                f"recovery: from the kill (outage included) to the first write after the restart; "
-                f"{second_attempts} job(s) needed a second attempt",
+                len(everything),
+                count_status(jobs, JobStatus.succeeded),
+                0,
+                count_lost(jobs),
+                count_duplicated(ledger, jobs),
+                recovery,
+                f"recovery: from the kill (outage included) to the first write after the restart; {second_attempts} job(s) needed a second attempt",
             )
         )
         assert count_status(jobs, JobStatus.succeeded) == len(everything), describe(ledger, jobs)

@@ -43,8 +43,12 @@ def test_overlapping_attempts_are_a_duplicate(tmp_path: Path) -> None:
 def test_a_second_recorded_outcome_and_a_claim_after_it_are_a_duplicate(tmp_path: Path) -> None:
     log = write(
         tmp_path / "a.log",
-        claim("01,000", 10, f"{JOB}-1"), succeeded("02,000", 10), task_end("02,001", 10, f"{JOB}-1", "finished"),
-        claim("03,000", 10, f"{JOB}-2"), succeeded("04,000", 10), task_end("04,001", 10, f"{JOB}-2", "finished"),
+        claim("01,000", 10, f"{JOB}-1"),
+        succeeded("02,000", 10),
+        task_end("02,001", 10, f"{JOB}-1", "finished"),
+        claim("03,000", 10, f"{JOB}-2"),
+        succeeded("04,000", 10),
+        task_end("04,001", 10, f"{JOB}-2", "finished"),
     )
     reasons = Ledger.read([(log, None)]).duplicated(JOB)
     assert reasons == ["2 attempts recorded an outcome", "an attempt was claimed after the outcome was recorded"]
@@ -53,7 +57,9 @@ def test_a_second_recorded_outcome_and_a_claim_after_it_are_a_duplicate(tmp_path
 def test_a_killed_attempt_then_a_takeover_is_not_a_duplicate(tmp_path: Path) -> None:
     # The first worker was SIGKILLed at :02 (no end line); the reaper's takeover came after.
     killed = write(tmp_path / "a.log", claim("01,000", 10, f"{JOB}-1"))
-    survivor = write(tmp_path / "b.log", claim("06,000", 20, f"{JOB}-2", "w2@h"), succeeded("07,000", 20), task_end("07,001", 20, f"{JOB}-2", "finished"))
+    survivor = write(
+        tmp_path / "b.log", claim("06,000", 20, f"{JOB}-2", "w2@h"), succeeded("07,000", 20), task_end("07,001", 20, f"{JOB}-2", "finished")
+    )
     ledger = Ledger.read([(killed, datetime(2026, 1, 1, 0, 0, 2)), (survivor, None)])
     assert ledger.duplicated(JOB) == []
     # Had the takeover started before the kill, it would be one.

@@ -31,7 +31,7 @@ import redis
 from compactor.jobs import Job, JobStatus, Stage, Upload
 from tests.faults.cluster import LEASE_SECONDS, Cluster, flush_databases, tree_resident_bytes
 from tests.faults.ledger import FaultRow, count_duplicated, count_lost, count_status, describe
-from tests.worker.support import QUICK_SPEC, TENANT, finetune_spec, sha256_of, wait_for, write_torchscript_model
+from tests.support.jobs import QUICK_SPEC, TENANT, finetune_spec, sha256_of, wait_for, write_torchscript_model
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
 
@@ -92,21 +92,26 @@ def test_sigkill_mid_finetune_with_ten_jobs_queued(service: Cluster, inputs: dic
     record_row(
         FaultRow(
             "worker SIGKILLed mid-finetune (2 workers, 10 jobs queued)",
-            len(submitted), count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs), count_duplicated(ledger, jobs), recovery,
+            len(submitted),
+            count_status(jobs, JobStatus.succeeded),
+            0,
+            count_lost(jobs),
+            count_duplicated(ledger, jobs),
+            recovery,
             f"recovered by the lease ({LEASE_SECONDS:g} s here), not the visibility timeout ({visibility} s)",
         )
     )
     assert count_status(jobs, JobStatus.succeeded) == len(submitted), describe(ledger, jobs)
     # Exactly once: the killed attempt plus one more for the victim, one attempt for every other job.
-    assert {job_id: job.attempts for job_id, job in jobs.items() if job} == {
-        job.id: 2 if job.id == victim.id else 1 for job in submitted
-    }
+    assert {job_id: job.attempts for job_id, job in jobs.items() if job} == {job.id: 2 if job.id == victim.id else 1 for job in submitted}
     assert all(len(ledger.recorded[job.id]) == 1 for job in submitted)
     # Lease expiry plus one reaper period (lease / 3) after the kill, with slack for two busy cores.
     assert recovery is not None and recovery <= LEASE_SECONDS + LEASE_SECONDS / 3 + 3, recovery
 
 
-def test_a_poison_job_that_exhausts_memory_fails_once_and_its_worker_lives(service: Cluster, inputs: dict[str, Path], record_row: RowRecorder) -> None:
+def test_a_poison_job_that_exhausts_memory_fails_once_and_its_worker_lives(
+    service: Cluster, inputs: dict[str, Path], record_row: RowRecorder
+) -> None:
     workers = service.wait_workers_ready(WORKERS)
     # The poison is an ordinary request: 2048×2048 inputs for a model that accepts any size.
     # Its random calibration data alone is 512 MiB and its activations several GiB (5 GiB
@@ -132,8 +137,12 @@ def test_a_poison_job_that_exhausts_memory_fails_once_and_its_worker_lives(servi
     record_row(
         FaultRow(
             "poison job exhausts memory (OOM killer emulated)",
-            len(everything), count_status(jobs, JobStatus.succeeded), failed_as_expected, count_lost(jobs),
-            count_duplicated(ledger, jobs), recovery,
+            len(everything),
+            count_status(jobs, JobStatus.succeeded),
+            failed_as_expected,
+            count_lost(jobs),
+            count_duplicated(ledger, jobs),
+            recovery,
             "the OOM kill takes the job's child, not the worker: failed invalid_model on attempt 1, no worker restarted",
         )
     )
@@ -153,16 +162,13 @@ def test_a_poison_job_that_exhausts_memory_fails_once_and_its_worker_lives(servi
 def multipart_body(boundary: str, model: bytes, spec: dict[str, Any], *, pieces: int, pause: float) -> Iterator[bytes]:
     """``POST /v1/jobs``'s form, sent slowly: the model part in ``pieces`` with ``pause`` between."""
     yield (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"model.ts\"\r\n"
-        "Content-Type: application/octet-stream\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="model.ts"\r\nContent-Type: application/octet-stream\r\n\r\n'
     ).encode()
     step = -(-len(model) // pieces)
     for start in range(0, len(model), step):
-        yield model[start:start + step]
+        yield model[start : start + step]
         time.sleep(pause)
-    yield (
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(spec)}\r\n--{boundary}--\r\n"
-    ).encode()
+    yield (f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(spec)}\r\n--{boundary}--\r\n').encode()
 
 
 def stored_uploads(cluster: Cluster) -> dict[str, Upload]:
@@ -175,9 +181,7 @@ def stored_uploads(cluster: Cluster) -> dict[str, Upload]:
     return {upload_id: Upload.model_validate_json(raw) for upload_id, raw in records.items() if raw is not None}
 
 
-def test_gateway_killed_with_uploads_in_flight(
-    service: Cluster, tmp_path: Path, record_row: RowRecorder
-) -> None:
+def test_gateway_killed_with_uploads_in_flight(service: Cluster, tmp_path: Path, record_row: RowRecorder) -> None:
     # A wider model (3.4 MB): the gateway hands the body to storage in 1 MiB batches, so a
     # smaller file would only be written once all of it had arrived.
     model = write_torchscript_model(tmp_path / "wide.ts", width=96).read_bytes()
@@ -229,9 +233,11 @@ def test_gateway_killed_with_uploads_in_flight(
 
     # The clients retry with their keys: one job each, and a second retry returns the same one.
     with httpx.Client(base_url=service.base_url, timeout=30) as client:
+
         def submit(key: str) -> str:
             response = client.post(
-                "/v1/jobs", files={"model": ("model.ts", model), "spec": (None, json.dumps(CHEAPEST_SPEC))},
+                "/v1/jobs",
+                files={"model": ("model.ts", model), "spec": (None, json.dumps(CHEAPEST_SPEC))},
                 headers={"Idempotency-Key": key},
             )
             assert response.status_code == 202, response.text
@@ -246,8 +252,12 @@ def test_gateway_killed_with_uploads_in_flight(
     record_row(
         FaultRow(
             "gateway SIGKILLed with 4 uploads in flight, clients retry",
-            len(keys), count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs) + len(keys) - len(set(job_ids)),
-            count_duplicated(ledger, jobs) + len(created) - len(keys), recovery,
+            len(keys),
+            count_status(jobs, JobStatus.succeeded),
+            0,
+            count_lost(jobs) + len(keys) - len(set(job_ids)),
+            count_duplicated(ledger, jobs) + len(created) - len(keys),
+            recovery,
             "in-flight requests got a transport error; partial files stay in tmp/, never in uploads/; "
             "retries with the same Idempotency-Key made one job each",
         )
@@ -292,8 +302,12 @@ def test_submission_retried_after_a_dropped_connection(service: Cluster, inputs:
     record_row(
         FaultRow(
             "submission retried after a dropped connection (Idempotency-Key)",
-            len(keys), count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs),
-            count_duplicated(ledger, jobs) + sum(n - 1 for n in per_key if n > 1), None,
+            len(keys),
+            count_status(jobs, JobStatus.succeeded),
+            0,
+            count_lost(jobs),
+            count_duplicated(ledger, jobs) + sum(n - 1 for n in per_key if n > 1),
+            None,
             f"{dropped_created} of {len(keys)} dropped requests had created their job; each retry returned it",
         )
     )
@@ -313,9 +327,7 @@ def _job_with_key(cluster: Cluster, key: str, wait_seconds: float) -> Job | None
 # -- load
 
 
-def test_load_from_concurrent_clients_while_status_polls_stay_fast(
-    service: Cluster, inputs: dict[str, Path], record_row: RowRecorder
-) -> None:
+def test_load_from_concurrent_clients_while_status_polls_stay_fast(service: Cluster, inputs: dict[str, Path], record_row: RowRecorder) -> None:
     service.wait_workers_ready(WORKERS)
     with httpx.Client(base_url=service.base_url, timeout=30) as setup:
         uploaded = setup.post("/v1/models", files={"file": ("model.ts", inputs["model"].read_bytes())})
@@ -332,7 +344,8 @@ def test_load_from_concurrent_clients_while_status_polls_stay_fast(
             try:
                 for number in range(shares[index]):
                     response = client.post(
-                        "/v1/jobs", json={"model_id": model_id, **CHEAPEST_SPEC},
+                        "/v1/jobs",
+                        json={"model_id": model_id, **CHEAPEST_SPEC},
                         headers={"Idempotency-Key": f"load-{index}-{number}"},
                     )
                     assert response.status_code == 202, response.text
@@ -370,11 +383,17 @@ def test_load_from_concurrent_clients_while_status_polls_stay_fast(
     record_row(
         FaultRow(
             f"load: {LOAD_JOBS} jobs from {LOAD_CLIENTS} concurrent clients, {WORKERS} workers",
-            LOAD_JOBS, count_status(jobs, JobStatus.succeeded), 0, count_lost(jobs) + LOAD_JOBS - len(set(job_ids)),
-            count_duplicated(ledger, jobs) + len(keyed) - LOAD_JOBS, None,
+            LOAD_JOBS,
+            count_status(jobs, JobStatus.succeeded),
+            0,
+            count_lost(jobs) + LOAD_JOBS - len(set(job_ids)),
+            count_duplicated(ledger, jobs) + len(keyed) - LOAD_JOBS,
+            None,
             f"status poll p99 {p99:.0f} ms over {len(latencies)} polls; all done in {elapsed:.0f} s",
         )
     )
     assert len(set(job_ids)) == len(keyed) == LOAD_JOBS
-    assert count_status(jobs, JobStatus.succeeded) == LOAD_JOBS, describe(ledger, {k: v for k, v in jobs.items() if v is None or v.status is not JobStatus.succeeded})
+    assert count_status(jobs, JobStatus.succeeded) == LOAD_JOBS, describe(
+        ledger, {k: v for k, v in jobs.items() if v is None or v.status is not JobStatus.succeeded}
+    )
     assert p99 < STATUS_POLL_P99_LIMIT_MS, f"status poll p99 {p99:.1f} ms (median {latencies[len(latencies) // 2]:.1f} ms)"

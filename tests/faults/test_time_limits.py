@@ -21,7 +21,7 @@ from torch import nn
 from compactor.jobs import JobStatus
 from tests.faults.cluster import ClusterFactory
 from tests.faults.ledger import FaultRow, count_duplicated, count_lost, count_status, describe
-from tests.worker.support import QUICK_SPEC, finetune_spec
+from tests.support.jobs import QUICK_SPEC, finetune_spec
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
 
@@ -74,14 +74,19 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_no_artifacts(
     ledger = cluster.ledger()
     ledger.check_against_store(jobs)
     timed_out = [
-        job_id for job_id in (over_soft.id, over_hard.id)
+        job_id
+        for job_id in (over_soft.id, over_hard.id)
         if (job := jobs[job_id]) is not None and job.status is JobStatus.failed and job.error is not None and job.error.code == "timeout"
     ]
     record_row(
         FaultRow(
             "soft and hard time limits",
-            len(everything), count_status(jobs, JobStatus.succeeded), len(timed_out), count_lost(jobs),
-            count_duplicated(ledger, jobs), None,
+            len(everything),
+            count_status(jobs, JobStatus.succeeded),
+            len(timed_out),
+            count_lost(jobs),
+            count_duplicated(ledger, jobs),
+            None,
             f"soft {SOFT_LIMIT_SECONDS:g} s: the job's child is killed, also inside a minute-long forward; workers live on",
         )
     )

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     )
     app.conf.broker_transport_options = options
 
-    from compactor.cli import main as cli_main
+    from launcher.cli import main as cli_main
 
     return cli_main(argv)
 

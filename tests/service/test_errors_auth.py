@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.auth import KeyRing, check_bind_allowed
-from tests.service.conftest import ALICE, auth
+from tests.support.gateway import ALICE, auth
 
 pytestmark = pytest.mark.anyio
 
@@ -71,9 +71,16 @@ async def test_openapi_describes_bodies_and_problems(client) -> None:
     spec = (await client.get("/openapi.json")).json()
     paths = spec["paths"]
     expected = {
-        ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}", "delete"),
-        ("/v1/jobs/{job_id}/cancel", "post"), ("/v1/jobs/{job_id}/artifacts/{name}", "get"),
-        ("/v1/models", "post"), ("/v1/datasets", "post"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs/{job_id}", "delete"),
+        ("/v1/jobs/{job_id}/cancel", "post"),
+        ("/v1/jobs/{job_id}/artifacts/{name}", "get"),
+        ("/v1/models", "post"),
+        ("/v1/datasets", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
     }
     assert expected <= {(p, m) for p, ops in paths.items() for m in ops}
     submit = paths["/v1/jobs"]["post"]

@@ -18,7 +18,7 @@ import pytest
 
 from compactor.jobs import JobStatus, Stage
 from service.app import create_app
-from tests.service.conftest import ALICE, BOB, auth, uvicorn_in_thread
+from tests.support.gateway import ALICE, BOB, auth, uvicorn_in_thread
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 
 from compactor.jobs import JobStatus
 from service.app import create_app
-from tests.service.conftest import ALICE, BOB, auth
+from tests.support.gateway import ALICE, BOB, auth
 
 pytestmark = pytest.mark.anyio
 

@@ -7,6 +7,7 @@ import io
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from compactor.storage import PayloadTooLarge
 from service.app import create_app
 from service.uploads import body_chunks_from_thread
-from tests.service.conftest import ALICE, auth, stored_files
+from tests.support.gateway import ALICE, auth, stored_files
 
 pytestmark = pytest.mark.anyio
 
@@ -61,7 +62,7 @@ class _FakeRequest:
 
     async def stream(self) -> AsyncIterator[bytes]:
         for piece in self._pieces:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             yield piece
         yield b""
 
@@ -96,9 +97,7 @@ async def test_big_upload_in_odd_pieces_is_stored_intact(app, settings) -> None:
     data = buffer.getvalue()  # about 2.7 MiB: several batches
     boundary = "b0undary-split-across-pieces"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.npz"\r\n\r\n'.encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.npz"\r\n\r\n'.encode() + data + f"\r\n--{boundary}--\r\n".encode()
     )
     sizes = [1, 13, 4099, 65_537, 262_144, 3, 131_071]
 
@@ -112,7 +111,8 @@ async def test_big_upload_in_odd_pieces_is_stored_intact(app, settings) -> None:
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         response = await c.post(
-            "/v1/datasets", content=pieces(),
+            "/v1/datasets",
+            content=pieces(),
             headers={**auth(ALICE), "content-type": f"multipart/form-data; boundary={boundary}"},
         )
     assert response.status_code == 201, response.text

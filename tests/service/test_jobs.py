@@ -11,18 +11,38 @@ import pytest
 
 from compactor.jobs import JobStatus
 from compactor.spec import JobSpec
-from tests.service.conftest import ALICE, BOB, auth, broker_messages, stored_files
+from tests.support.gateway import ALICE, BOB, auth, broker_messages, stored_files
 
 pytestmark = pytest.mark.anyio
 
 JOB_KEYS = {
-    "id", "status", "stage", "progress", "created_at", "started_at", "finished_at", "attempts", "spec", "error",
-    "metrics", "artifacts", "cancel_requested", "model_id", "dataset_id",
+    "id",
+    "status",
+    "stage",
+    "progress",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempts",
+    "spec",
+    "error",
+    "metrics",
+    "artifacts",
+    "cancel_requested",
+    "model_id",
+    "dataset_id",
 }
 
 
-async def submit(client: httpx.AsyncClient, model: bytes, *, spec: dict | None = None, dataset: bytes | None = None,
-                 key: str = ALICE, headers: dict[str, str] | None = None) -> httpx.Response:
+async def submit(
+    client: httpx.AsyncClient,
+    model: bytes,
+    *,
+    spec: dict | None = None,
+    dataset: bytes | None = None,
+    key: str = ALICE,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     files: dict[str, tuple] = {"model": ("model.bin", model)}
     if dataset is not None:
         files["dataset"] = ("data.bin", dataset)
@@ -62,8 +82,14 @@ async def test_submit_multipart_job_is_queued_and_enqueued(client, files, settin
 async def test_submit_json_job_with_earlier_uploads(client, files, settings) -> None:
     model_id = await upload(client, "models", files.state_dict)
     dataset_id = await upload(client, "datasets", files.dataset_npz)
-    spec = {"model_id": model_id, "dataset_id": dataset_id, "model": {"arch": "resnet18", "arch_kwargs": {"num_classes": 10}},
-            "prune": {"criterion": "taylor", "granularity": "channel"}, "finetune": {"epochs": 1}, "target": {"max_accuracy_drop": 0.02}}
+    spec = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "model": {"arch": "resnet18", "arch_kwargs": {"num_classes": 10}},
+        "prune": {"criterion": "taylor", "granularity": "channel"},
+        "finetune": {"epochs": 1},
+        "target": {"max_accuracy_drop": 0.02},
+    }
     response = await client.post("/v1/jobs", json=spec, headers=auth(ALICE))
     assert response.status_code == 202, response.text
     job = response.json()
@@ -94,8 +120,13 @@ async def test_invalid_spec_reports_field_locations_and_keeps_nothing(client, fi
         ("state_dict", {"quantize": {"mode": "dynamic"}}, None, "invalid_spec", "model.arch"),
         ("torchscript", {"prune": {"granularity": "unstructured", "criterion": "gradient"}}, None, "unsupported_combination", "prune.criterion"),
         ("torchscript", {"finetune": {"epochs": 1}}, None, "unsupported_combination", "finetune"),
-        ("torchscript", {"prune": {"granularity": "unstructured"}, "target": {"max_accuracy_drop": 0.01}}, "dataset_npz_unlabeled",
-         "unsupported_combination", "target"),
+        (
+            "torchscript",
+            {"prune": {"granularity": "unstructured"}, "target": {"max_accuracy_drop": 0.01}},
+            "dataset_npz_unlabeled",
+            "unsupported_combination",
+            "target",
+        ),
         ("torchscript", {"model": {"format": "state_dict"}}, None, "invalid_spec", "model.format"),
     ],
 )

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from compactor.jobs import JobStatus
 from service.app import create_app
-from tests.service.conftest import ALICE, BOB, auth
+from tests.support.gateway import ALICE, BOB, auth
 
 pytestmark = pytest.mark.anyio
 

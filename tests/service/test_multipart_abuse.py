@@ -25,8 +25,8 @@ import pytest
 
 from service.http_limits import MAX_REQUEST_HEAD_BYTES
 from service.uploads import MAX_PART_HEADER_BYTES, MAX_PREAMBLE_BYTES, request_budget
-from tests.service.conftest import ALICE, auth
-from tests.service.live_gateway import MIB, LiveGateway, parse_response, read_response
+from tests.support.gateway import ALICE, auth
+from tests.support.live_gateway import MIB, LiveGateway, parse_response, read_response
 
 MAX_UPLOAD_BYTES = MIB
 ANSWER_WITHIN_SECONDS = 5.0
@@ -68,9 +68,10 @@ def closing(boundary: bytes = BOUNDARY) -> bytes:
 def request_head(path: str, content_type: str, *, length: int | None, extra: bytes = b"") -> bytes:
     framing = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
     return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE}\r\n"
-        f"Content-Type: {content_type}\r\n{framing}"
-    ).encode("latin-1") + extra + b"\r\n"
+        (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE}\r\nContent-Type: {content_type}\r\n{framing}").encode("latin-1")
+        + extra
+        + b"\r\n"
+    )
 
 
 def multipart_type(boundary: str = BOUNDARY.decode()) -> str:
@@ -161,8 +162,7 @@ MALFORMED: dict[str, tuple[MalformedBody, str, int]] = {
     "part headers over the per-part budget": (
         lambda ep: post(
             ep,
-            part([b"X-Filler-%d: " % i + b"y" * 3000 for i in range(4)] + [b'Content-Disposition: form-data; name="x"'], b"x")
-            + closing(),
+            part([b"X-Filler-%d: " % i + b"y" * 3000 for i in range(4)] + [b'Content-Disposition: form-data; name="x"'], b"x") + closing(),
         ),
         f"longer than {MAX_PART_HEADER_BYTES}",
         400,
@@ -189,7 +189,11 @@ MALFORMED: dict[str, tuple[MalformedBody, str, int]] = {
     ),
     "no boundary parameter": (lambda ep: post(ep, b"--x\r\n", content_type="multipart/form-data"), "boundary", 400),
     "text that is not multipart": (lambda ep: post(ep, b"--x--\r\n", content_type="text/plain"), "Content-Type", 415),
-    "wrong boundary in the body": (lambda ep: post(ep, file_part(file_field(ep), b"x") + closing(), content_type=multipart_type("other")), "multipart", 400),
+    "wrong boundary in the body": (
+        lambda ep: post(ep, file_part(file_field(ep), b"x") + closing(), content_type=multipart_type("other")),
+        "multipart",
+        400,
+    ),
     "no closing boundary": (lambda ep: post(ep, file_part(file_field(ep), b"x")), "closing boundary", 400),
     "empty body": (lambda ep: post(ep, b""), "closing boundary", 400),
     "part without Content-Disposition": (lambda ep: post(ep, part([b"Content-Type: text/plain"], b"x") + closing()), "Content-Disposition", 400),
@@ -338,8 +342,11 @@ def test_hostile_file_name_of_a_valid_upload_is_ignored(gateway: LiveGateway, ro
 @pytest.mark.parametrize("filename", list(HOSTILE_FILENAMES))
 def test_hostile_file_name_of_a_bad_upload_is_refused(gateway: LiveGateway, untouched: None, endpoint: str, filename: str) -> None:
     answer = exchange(gateway, post(endpoint, file_part(file_field(endpoint), b"GIF89a not a model", HOSTILE_FILENAMES[filename]) + closing()))
-    expected = {"/v1/jobs": (415, "unsupported_model_format"), "/v1/models": (415, "unsupported_model_format"),
-                "/v1/datasets": (422, "invalid_dataset")}[endpoint]
+    expected = {
+        "/v1/jobs": (415, "unsupported_model_format"),
+        "/v1/models": (415, "unsupported_model_format"),
+        "/v1/datasets": (422, "invalid_dataset"),
+    }[endpoint]
     assert_problem(answer, *expected)
 
 

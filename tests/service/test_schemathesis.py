@@ -38,8 +38,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.service.conftest import ALICE, auth
-from tests.service.live_gateway import LiveGateway
+from tests.support.gateway import ALICE, auth
+from tests.support.live_gateway import LiveGateway
 
 CHECKS = [
     not_a_server_error,
@@ -126,9 +126,7 @@ def test_operations_on_existing_objects_conform(gateway: LiveGateway, files) -> 
     ids = {"job_id": job["id"], "model_id": model["id"], "dataset_id": dataset["id"]}
     schema = schemathesis.openapi.from_url(f"{gateway.base_url}/openapi.json")
     with_ids = [
-        operation
-        for operation in (result.ok() for result in schema.get_all_operations())
-        if any("{" + name + "}" in operation.path for name in ids)
+        operation for operation in (result.ok() for result in schema.get_all_operations()) if any("{" + name + "}" in operation.path for name in ids)
     ]
     with_ids.sort(key=lambda operation: operation.method.upper() == "DELETE")
     failures: list[str] = []
@@ -169,9 +167,7 @@ def test_document_declares_the_bearer_key_on_every_v1_operation(openapi_document
         pytest.param({"Authorization": f"Basic {ALICE}"}, id="not a bearer key"),
     ],
 )
-def test_without_a_valid_key_every_v1_operation_answers_401(
-    gateway: LiveGateway, openapi_document: dict[str, Any], headers: dict[str, str]
-) -> None:
+def test_without_a_valid_key_every_v1_operation_answers_401(gateway: LiveGateway, openapi_document: dict[str, Any], headers: dict[str, str]) -> None:
     """Before anything else: no validation error, no 404, no body read."""
     v1 = [(method, path) for method, path in operations(openapi_document) if path.startswith("/v1/")]
     assert len(v1) >= 9, v1

@@ -7,7 +7,7 @@ import json
 import httpx
 
 from service.app import create_app
-from tests.service.conftest import ALICE, auth, broker_messages, uvicorn_in_thread
+from tests.support.gateway import ALICE, auth, broker_messages, uvicorn_in_thread
 
 
 def test_real_uvicorn_server(settings, files) -> None:
@@ -28,12 +28,11 @@ def test_real_uvicorn_server(settings, files) -> None:
             assert client.get(job.headers["location"], headers=auth(ALICE)).json()["status"] == "queued"
 
             def chunked():
-                yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m\"\r\n\r\n"
+                yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="m"\r\n\r\n'
                 yield files.torchscript
                 yield b"\r\n--xyz--\r\n"
 
-            streamed = client.post("/v1/models", content=chunked(),
-                                   headers={**auth(ALICE), "content-type": "multipart/form-data; boundary=xyz"})
+            streamed = client.post("/v1/models", content=chunked(), headers={**auth(ALICE), "content-type": "multipart/form-data; boundary=xyz"})
             assert streamed.status_code == 201 and streamed.json()["size_bytes"] == len(files.torchscript)
             unauthorized = client.get("/v1/jobs")
             assert unauthorized.status_code == 401 and unauthorized.headers["content-type"] == "application/problem+json"

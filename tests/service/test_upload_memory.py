@@ -39,9 +39,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import ALICE, auth
-from tests.service.live_gateway import MIB, LiveGateway
-from tests.worker.support import REPO_ROOT
+from tests.support.gateway import ALICE, auth
+from tests.support.jobs import REPO_ROOT
+from tests.support.live_gateway import MIB, LiveGateway
 
 PEAK_GROWTH_BOUND = 64 * MIB
 MAX_UPLOAD_BYTES = 32 * MIB
@@ -92,13 +92,14 @@ def central_directory_only(names: list[str], declared_count: int) -> bytes:
     first = b"archive/version"
     local = struct.pack(zipfile.structFileHeader, zipfile.stringFileHeader, 20, 0, 0, 0, 0, 0x21, 0, 0, 0, len(first), 0)
     records = [
-        struct.pack(zipfile.structCentralDir, zipfile.stringCentralDir, 20, 3, 20, 0, 0, 0, 0, 0x21, 0, 0, 0,
-                    len(name.encode()), 0, 0, 0, 0, 0, 0) + name.encode()
+        struct.pack(zipfile.structCentralDir, zipfile.stringCentralDir, 20, 3, 20, 0, 0, 0, 0, 0x21, 0, 0, 0, len(name.encode()), 0, 0, 0, 0, 0, 0)
+        + name.encode()
         for name in [first.decode(), *names]
     ]
     directory = b"".join(records)
-    end = struct.pack(zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, declared_count, declared_count,
-                      len(directory), len(local) + len(first), 0)
+    end = struct.pack(
+        zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, declared_count, declared_count, len(directory), len(local) + len(first), 0
+    )
     return local + first + directory + end
 
 
@@ -159,9 +160,7 @@ def craft_archives() -> dict[str, Crafted]:
             "invalid_dataset",
             "compression bomb",
         ),
-        "entry declaring 4 GB": Crafted(
-            "models", with_declared_size(huge_declared, "archive/data/0", 4_000_000_000), "invalid_model", "expands"
-        ),
+        "entry declaring 4 GB": Crafted("models", with_declared_size(huge_declared, "archive/data/0", 4_000_000_000), "invalid_model", "expands"),
         "npz entry declaring 4 GB": Crafted(
             "datasets",
             with_declared_size(zip_bytes(npz_inputs, zipfile.ZIP_DEFLATED), "inputs.npy", 4_000_000_000),
@@ -174,18 +173,20 @@ def craft_archives() -> dict[str, Crafted]:
         "entry named ../../etc/passwd": Crafted(
             "models", zip_bytes([*torch_layout, ("../../etc/passwd", b"root::0:0::/:/bin/sh\n")]), "invalid_model", "'..'"
         ),
-        "absolute entry name": Crafted(
-            "datasets", zip_bytes([*npz_inputs, ("/etc/passwd.npy", b"x")]), "invalid_dataset", "absolute path"
-        ),
+        "absolute entry name": Crafted("datasets", zip_bytes([*npz_inputs, ("/etc/passwd.npy", b"x")]), "invalid_dataset", "absolute path"),
         "entry outside the archive folder": Crafted(
             "models", zip_bytes([*torch_layout, ("other/data.pkl", SMALL_PICKLE)]), "invalid_model", "top-level folders"
         ),
         "memo key 2**28 in a .pt dataset": Crafted(
-            "datasets", zip_bytes([("archive/data.pkl", MEMO_BOMB_PICKLE), ("archive/version", b"3\n")]), "invalid_dataset",
+            "datasets",
+            zip_bytes([("archive/data.pkl", MEMO_BOMB_PICKLE), ("archive/version", b"3\n")]),
+            "invalid_dataset",
             "out of sequence",
         ),
         "memo key 2**28 in a state_dict": Crafted(
-            "models", zip_bytes([("archive/data.pkl", MEMO_BOMB_PICKLE), ("archive/version", b"3\n")]), "invalid_model",
+            "models",
+            zip_bytes([("archive/data.pkl", MEMO_BOMB_PICKLE), ("archive/version", b"3\n")]),
+            "invalid_model",
             "out of sequence",
         ),
         # 12 MiB of pickle, 2 M dict entries: ~160 MiB once unpickled to count samples.
@@ -196,7 +197,9 @@ def craft_archives() -> dict[str, Crafted]:
             "above the limit of 1048576",
         ),
         "16 M pushes in a state_dict pickle": Crafted(
-            "models", zip_bytes([("archive/data.pkl", STACK_BOMB_PICKLE), ("archive/version", b"3\n")]), "invalid_model",
+            "models",
+            zip_bytes([("archive/data.pkl", STACK_BOMB_PICKLE), ("archive/version", b"3\n")]),
+            "invalid_model",
             "stack grows past",
         ),
     }
@@ -265,9 +268,7 @@ def test_crafted_archive_inside_a_job_submission_is_refused(gateway: LiveGateway
     with httpx.Client(base_url=gateway.base_url, headers=auth(ALICE), timeout=60) as client:
         before = gateway.rss_bytes()
         gateway.reset_peak_rss()
-        answer = client.post(
-            "/v1/jobs", files={"model": ("m", files.torchscript), "dataset": ("d", bomb.data), "spec": (None, "{}")}
-        )
+        answer = client.post("/v1/jobs", files={"model": ("m", files.torchscript), "dataset": ("d", bomb.data), "spec": (None, "{}")})
         growth = gateway.peak_rss_bytes() - before
     assert (answer.status_code, answer.json()["code"]) == (422, "invalid_dataset"), answer.text
     assert growth < PEAK_GROWTH_BOUND, f"peak RSS grew by {growth / MIB:.1f} MiB"
@@ -309,15 +310,13 @@ WORKER_PROBE = textwrap.dedent(
 def test_worker_refuses_crafted_archives_before_torch_with_bounded_memory(tmp_path: Path, crafted: dict[str, Crafted]) -> None:
     """The worker's loaders, handed each archive directly: the same refusal, and torch never reads it."""
     paths: list[tuple[str, str]] = []
-    for index, (name, archive) in enumerate(crafted.items()):
+    for index, archive in enumerate(crafted.values()):
         path = tmp_path / f"crafted-{index}"
         path.write_bytes(archive.data)
         paths.append((archive.endpoint, str(path)))
-    result = subprocess.run(
-        [sys.executable, "-c", WORKER_PROBE, json.dumps(paths)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", WORKER_PROBE, json.dumps(paths)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    for (name, archive), (_, path) in zip(crafted.items(), paths):
+    for (name, archive), (_, path) in zip(crafted.items(), paths, strict=True):
         assert measured[path]["code"] == archive.code, (name, measured[path])
         assert measured[path]["growth"] < PEAK_GROWTH_BOUND, (name, measured[path]["growth"] / MIB)

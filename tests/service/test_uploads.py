@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.service.conftest import ALICE, BOB, auth, stored_files
+from tests.support.gateway import ALICE, BOB, auth, stored_files
 
 pytestmark = pytest.mark.anyio
 
@@ -71,9 +71,7 @@ async def test_missing_and_unexpected_parts(client, files, settings) -> None:
     missing = await client.post("/v1/models", files={"other": ("x", b"123")}, headers=auth(ALICE))
     assert missing.status_code == 422 and missing.json()["code"] == "invalid_request"
     assert missing.json()["errors"][0]["loc"] == ["body", "other"]
-    empty_form = await client.post(
-        "/v1/models", headers={**auth(ALICE), "content-type": "multipart/form-data; boundary=abc"}, content=b"--abc--\r\n"
-    )
+    empty_form = await client.post("/v1/models", headers={**auth(ALICE), "content-type": "multipart/form-data; boundary=abc"}, content=b"--abc--\r\n")
     assert empty_form.status_code == 422 and empty_form.json()["errors"][0]["loc"] == ["body", "file"]
     assert stored_files(settings) == []
 
@@ -117,9 +115,7 @@ async def test_payload_too_large_when_streamed_without_length(small_app, small_s
         yield f"\r\n--{boundary}--\r\n".encode()
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=small_app), base_url="http://t") as c:
-        response = await c.post(
-            "/v1/models", content=body(), headers={**auth(ALICE), "content-type": f"multipart/form-data; boundary={boundary}"}
-        )
+        response = await c.post("/v1/models", content=body(), headers={**auth(ALICE), "content-type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413, response.text
     assert response.json()["code"] == "payload_too_large"
     assert stored_files(small_settings) == []

@@ -24,7 +24,7 @@ from compactor.jobs import Artifact, Job, JobError, JobStatus, Stage, Upload, ne
 from compactor.store import InvalidCursor, JobStore, StoreUnavailable, open_store
 from compactor.store.redis import RedisJobStore
 from compactor.store.sqlite import SQLiteJobStore
-from tests.worker.support import redis_or_skip
+from tests.support.jobs import redis_or_skip
 
 # A database of its own, flushed by the fixture; overridable to point at another server.
 REDIS_URL = os.environ.get("COMPACTOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -275,9 +275,7 @@ def test_processes_racing_to_claim_get_each_job_exactly_once(store: JobStore, st
     results = context.Queue()
     # Each process walks the jobs from a different starting point, so they collide all along.
     children = [
-        context.Process(
-            target=_claim_all_in_child, args=(store_url, job_ids[index:] + job_ids[:index], owner, start, results)
-        )
+        context.Process(target=_claim_all_in_child, args=(store_url, job_ids[index:] + job_ids[:index], owner, start, results))
         for index, owner in enumerate(owners)
     ]
     for child in children:
@@ -562,9 +560,7 @@ def test_an_expired_job_whose_cancel_was_asked_ends_cancelled(store: JobStore, c
 
 def test_unfinished_jobs_are_the_queued_and_running_ones(store: JobStore) -> None:
     base = utcnow()
-    queued, running, finished = (
-        store.create_job(make_job(created_at=base + timedelta(seconds=index))) for index in range(3)
-    )
+    queued, running, finished = (store.create_job(make_job(created_at=base + timedelta(seconds=index))) for index in range(3))
     store.claim(running.id, "worker-a", 30)
     store.request_cancel(finished.id, TENANT)
     elsewhere = store.create_job(make_job(tenant=OTHER_TENANT, created_at=base + timedelta(seconds=9)))
@@ -582,9 +578,7 @@ def test_status_counts_cover_every_tenant_and_follow_transitions(store: JobStore
     assert counts == {**dict.fromkeys(JobStatus, 0), JobStatus.queued: 2, JobStatus.running: 1, JobStatus.cancelled: 1}
     store.finish(running.id, "worker-a", JobStatus.succeeded)
     store.delete_job(queued.id, TENANT)
-    assert store.status_counts() == {
-        **dict.fromkeys(JobStatus, 0), JobStatus.queued: 1, JobStatus.succeeded: 1, JobStatus.cancelled: 1
-    }
+    assert store.status_counts() == {**dict.fromkeys(JobStatus, 0), JobStatus.queued: 1, JobStatus.succeeded: 1, JobStatus.cancelled: 1}
 
 
 # -- delete
@@ -609,12 +603,8 @@ def test_delete_removes_the_job_everywhere(store: JobStore, clock: SteppingClock
 
 
 def test_uploads_are_tenant_scoped(store: JobStore) -> None:
-    upload = Upload(
-        id=new_id("mdl"), tenant=TENANT, kind="model", format="torchscript", size_bytes=123, sha256="c" * 64
-    )
-    dataset = Upload(
-        id=new_id("dat"), tenant=TENANT, kind="dataset", format="npz", size_bytes=9, sha256="d" * 64, num_samples=40
-    )
+    upload = Upload(id=new_id("mdl"), tenant=TENANT, kind="model", format="torchscript", size_bytes=123, sha256="c" * 64)
+    dataset = Upload(id=new_id("dat"), tenant=TENANT, kind="dataset", format="npz", size_bytes=9, sha256="d" * 64, num_samples=40)
     store.put_upload(upload)
     store.put_upload(dataset)
     assert store.get_upload(upload.id, TENANT) == upload

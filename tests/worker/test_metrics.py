@@ -17,9 +17,13 @@ def sample(name: str, **labels: str) -> float:
 def test_a_finished_job_adds_its_duration_and_its_stage_times() -> None:
     started = utcnow()
     job = Job(
-        id="job_m1", tenant="acme", model_id="mdl_1", status=JobStatus.succeeded, started_at=started,
-        finished_at=started + timedelta(seconds=42), metrics={"stages": [{"name": "finetune", "seconds": 30.5},
-                                                                        {"name": "export", "seconds": 0.2}]},
+        id="job_m1",
+        tenant="acme",
+        model_id="mdl_1",
+        status=JobStatus.succeeded,
+        started_at=started,
+        finished_at=started + timedelta(seconds=42),
+        metrics={"stages": [{"name": "finetune", "seconds": 30.5}, {"name": "export", "seconds": 0.2}]},
     )
     before = {
         "count": sample("compactor_job_duration_seconds_count", status="succeeded"),
@@ -38,7 +42,6 @@ def test_a_finished_job_adds_its_duration_and_its_stage_times() -> None:
 
 def test_a_failed_job_is_counted_with_its_error_code() -> None:
     before = sample("compactor_jobs_finished_total", status="failed", code="timeout")
-    job = Job(id="job_m2", tenant="acme", model_id="mdl_1", status=JobStatus.failed,
-              error=JobError(code="timeout", message="too long"))
+    job = Job(id="job_m2", tenant="acme", model_id="mdl_1", status=JobStatus.failed, error=JobError(code="timeout", message="too long"))
     observe_finished_job(job)  # never started: no duration, still counted
     assert sample("compactor_jobs_finished_total", status="failed", code="timeout") == before + 1

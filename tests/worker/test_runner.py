@@ -19,7 +19,7 @@ from compactor.settings import Settings
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from compactor.store.base import JobStore
-from tests.worker.support import (
+from tests.support.jobs import (
     QUICK_SPEC,
     create_job,
     finetune_spec,
@@ -109,9 +109,7 @@ def test_shutdown_hands_the_job_back_for_an_immediate_takeover(parts, inputs) ->
     stopping = threading.Event()
     outcome: list[Outcome] = []
     thread = threading.Thread(
-        target=lambda: outcome.append(
-            execute_job(job.id, store, storage, settings, "leaving", shutdown_requested=stopping.is_set)
-        )
+        target=lambda: outcome.append(execute_job(job.id, store, storage, settings, "leaving", shutdown_requested=stopping.is_set))
     )
     thread.start()
     wait_for(lambda: (store.get_job(job.id) or job).progress > 0, 60, "the attempt to make progress")

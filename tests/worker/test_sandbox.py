@@ -1,7 +1,7 @@
 """Every job runs in a child the worker can kill; uploaded TorchScript runs only confined.
 
 Real files, a real SQLite store, the real runner and the real fork server; the
-hostile models are real TorchScript programs (tests/worker/hostile_models.py).
+hostile models are real TorchScript programs (tests/support/hostile_models.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from compactor.settings import Settings
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from compactor.store.base import JobStore
-from tests.worker import hostile_models
-from tests.worker.support import QUICK_SPEC, children_of, create_job, wait_for, write_torchscript_model
+from tests.support import hostile_models
+from tests.support.jobs import QUICK_SPEC, children_of, create_job, wait_for, write_torchscript_model
 from worker import sandbox
 from worker.confinement import Policy, confine, scrubbed_environment
 from worker.runner import Outcome, execute_job
@@ -111,9 +111,7 @@ def assert_next_job_runs(store: JobStore, storage: LocalStorage, settings: Setti
     assert done is not None and done.status is JobStatus.succeeded, done
 
 
-def _run_and_interfere(
-    store: JobStore, storage: LocalStorage, settings: Settings, job_id: str, interfere, *, after: float = 1.0
-) -> float:
+def _run_and_interfere(store: JobStore, storage: LocalStorage, settings: Settings, job_id: str, interfere, *, after: float = 1.0) -> float:
     """execute_job in this thread while ``interfere`` runs once the job's child is busy; returns
     the seconds from the interference to the end of the attempt."""
     moments: dict[str, float] = {}

@@ -44,11 +44,11 @@ from compactor.webhooks import (
     verify_signature,
     webhook_secrets,
 )
-from tests.worker.support import (
-    child_env,
+from tests.support.jobs import (
     QUICK_SPEC,
     TENANT,
     Proc,
+    child_env,
     create_job,
     start_worker,
     wait_for,
@@ -89,7 +89,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
                     receiver.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time()))
@@ -102,7 +102,7 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+            def log_message(self, format: str, *args: object) -> None:  # quiet
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -203,8 +203,22 @@ def test_refusals_say_what_the_operator_must_configure() -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["http://hooks.example.com", "hooks.example.com/path", "*.com", "*", "ex*ample.com", "hooks.example.com:0",
-     "hooks.example.com:99999", "hooks.example.com:http", "::1", "[::1", "[not-an-ip]", "[::1]8080", "-bad-.com", "127.1"],
+    [
+        "http://hooks.example.com",
+        "hooks.example.com/path",
+        "*.com",
+        "*",
+        "ex*ample.com",
+        "hooks.example.com:0",
+        "hooks.example.com:99999",
+        "hooks.example.com:http",
+        "::1",
+        "[::1",
+        "[not-an-ip]",
+        "[::1]8080",
+        "-bad-.com",
+        "127.1",
+    ],
 )
 def test_malformed_allowlist_entries_stop_the_process_at_start_up(entry: str) -> None:
     with pytest.raises(WebhookConfigError):
@@ -263,7 +277,9 @@ def test_secrets_come_from_the_setting_and_the_file(tmp_path: Path) -> None:
     path.write_text("# rotated monthly\nbob:bob-secret-with:colon-0123\n\n  carol : carol-secret-0123456789  # inline\n")
     settings = Settings(data_dir=tmp_path, webhook_secrets=f"default:{SECRET}", webhook_secrets_file=path)
     assert webhook_secrets(settings) == {
-        "default": SECRET, "bob": "bob-secret-with:colon-0123", "carol": "carol-secret-0123456789",
+        "default": SECRET,
+        "bob": "bob-secret-with:colon-0123",
+        "carol": "carol-secret-0123456789",
     }
     with pytest.raises(ValidationError, match="too short"):
         Settings(webhook_secrets="alice:short")
@@ -325,8 +341,12 @@ def test_backoff_doubles_is_capped_and_jittered() -> None:
 
 def _deliver(receiver: Receiver, path: str, allowlist: str = "127.0.0.1", timeout: float = 5.0):
     return deliver(
-        receiver.url(path), b'{"ok":true}', secret=SECRET, delivery_id="job_x.finished",
-        allowlist=parse_allowlist(allowlist), timeout=timeout,
+        receiver.url(path),
+        b'{"ok":true}',
+        secret=SECRET,
+        delivery_id="job_x.finished",
+        allowlist=parse_allowlist(allowlist),
+        timeout=timeout,
     )
 
 
@@ -369,9 +389,7 @@ def test_a_slow_receiver_times_out(receiver: Receiver) -> None:
 def test_an_unreachable_receiver_is_a_failed_attempt() -> None:
     with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
         port = closed.server_address[1]
-    result = deliver(
-        f"http://127.0.0.1:{port}/", b"{}", secret=SECRET, delivery_id="d", allowlist=parse_allowlist("127.0.0.1"), timeout=2.0
-    )
+    result = deliver(f"http://127.0.0.1:{port}/", b"{}", secret=SECRET, delivery_id="d", allowlist=parse_allowlist("127.0.0.1"), timeout=2.0)
     assert not result.delivered and not result.refused and "ConnectError" in (result.error or "")
 
 
@@ -381,7 +399,9 @@ def test_an_unreachable_receiver_is_a_failed_attempt() -> None:
 @pytest.fixture()
 def local(tmp_path: Path) -> Iterator[tuple[Settings, JobStore, LocalStorage, Path]]:
     settings = Settings(
-        data_dir=tmp_path / "data", webhook_allowed_hosts="127.0.0.1", webhook_secrets=f"{TENANT}:{SECRET}",
+        data_dir=tmp_path / "data",
+        webhook_allowed_hosts="127.0.0.1",
+        webhook_secrets=f"{TENANT}:{SECRET}",
         webhook_max_attempts=MAX_ATTEMPTS,
     )
     store = open_store(settings.effective_store_url)
@@ -493,15 +513,20 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEnv]:
     worker = start_worker(root / "data", root / "worker.log", **webhook_env)
     # Webhooks go to their own queue and consumer (`compactor notifier`), never behind a job.
     notifier = Proc(
-        [sys.executable, "-m", "compactor.cli", "notifier", "--name", "notifier@%h"],
+        [sys.executable, "-m", "launcher.cli", "notifier", "--name", "notifier@%h"],
         child_env(root / "data", **webhook_env),
         root / "notifier.log",
     )
     notifier.wait_log(" ready.", timeout=30)
     try:
         yield WorkerEnv(
-            store, LocalStorage(settings.resolved_data_dir), queue, worker, notifier,
-            write_torchscript_model(root / "tiny.ts"), garbage,
+            store,
+            LocalStorage(settings.resolved_data_dir),
+            queue,
+            worker,
+            notifier,
+            write_torchscript_model(root / "tiny.ts"),
+            garbage,
         )
     finally:
         codes = (worker.terminate(), notifier.terminate())

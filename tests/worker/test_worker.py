@@ -15,7 +15,7 @@ from compactor.settings import Settings
 from compactor.storage import LocalStorage
 from compactor.store import open_store
 from compactor.store.base import JobStore
-from tests.worker.support import (
+from tests.support.jobs import (
     QUICK_SPEC,
     TENANT,
     Proc,

@@ -155,15 +155,13 @@ def load_dataset(path: Path, limits: DatasetLimits = DatasetLimits()) -> Dataset
 def _read_pt(path: Path) -> tuple[object, object]:
     try:
         loaded = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - never retried unsafely; the file is the problem
+    except Exception as exc:  # never retried unsafely; the file is the problem
         raise InvalidDataset(
             f"the .pt dataset cannot be loaded with weights-only unpickling ({type(exc).__name__}); "
             "save a plain dict of tensors: torch.save({'inputs': x, 'targets': y}, f)"
         ) from exc
     if not isinstance(loaded, Mapping):
-        raise InvalidDataset(
-            f"the .pt dataset holds a {type(loaded).__name__}; expected a dict with 'inputs' and optional 'targets' tensors"
-        )
+        raise InvalidDataset(f"the .pt dataset holds a {type(loaded).__name__}; expected a dict with 'inputs' and optional 'targets' tensors")
     if "inputs" not in loaded:
         shown = ", ".join(repr(key) for key in list(loaded)[:5])
         raise InvalidDataset(f"the .pt dataset has no 'inputs' (its keys: {shown or 'none'})")
@@ -179,7 +177,7 @@ def _read_npz(path: Path) -> tuple[object, object]:
             targets = torch.from_numpy(np.ascontiguousarray(archive["targets"])) if "targets" in archive.files else None
     except InvalidDataset:
         raise
-    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/OSError/zipfile errors on damaged files
+    except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors on damaged files
         raise InvalidDataset(f"the .npz dataset cannot be read: {exc}") from exc
     return inputs, targets
 
@@ -201,9 +199,7 @@ def validate_dataset(inputs: object, targets: object, limits: DatasetLimits = Da
     elif inputs.dtype in _FLOAT_INPUT_DTYPES:
         converted = inputs.to(torch.float32)
     else:
-        raise InvalidDataset(
-            f"'inputs' has dtype {inputs.dtype}; use floating point inputs (or uint8 images, which are scaled to [0, 1])"
-        )
+        raise InvalidDataset(f"'inputs' has dtype {inputs.dtype}; use floating point inputs (or uint8 images, which are scaled to [0, 1])")
     converted = converted.contiguous()
     if not all_finite(converted):
         bad = int((~torch.isfinite(converted)).flatten(1).any(1).sum())
@@ -290,7 +286,7 @@ def _stratified_val_index(targets: torch.Tensor, val_count: int, generator: torc
             remaining -= 1
 
     chosen: list[torch.Tensor] = []
-    for label, take in zip(classes.tolist(), takes):
+    for label, take in zip(classes.tolist(), takes, strict=True):
         members = torch.nonzero(targets == label).flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     return torch.cat(chosen)

@@ -77,7 +77,7 @@ def _max_abs_diff(first: Any, second: Any) -> tuple[float, float]:
         return float("inf"), 0.0
     worst = 0.0
     scale = 0.0
-    for left, right in zip(first_tensors, second_tensors):
+    for left, right in zip(first_tensors, second_tensors, strict=True):
         if left.shape != right.shape:
             return float("inf"), 0.0
         left_float = left.detach().float().cpu()
@@ -151,7 +151,7 @@ def _trace_or_script(model: nn.Module, example_inputs: torch.Tensor, ctx: RunCon
             trace_problem = f"the trace disagrees with eager execution on a 2-sample batch (max abs diff {difference:.3g})"
         elif tracer_warnings:
             trace_problem = f"tracing warned: {tracer_warnings[0].splitlines()[0][:200]}"
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: script instead
         trace_problem = f"tracing failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         traced = None
     if trace_problem is None and traced is not None:
@@ -264,4 +264,3 @@ def verify_reload(
     relative = _INT8_RELOAD_RELATIVE_TOLERANCE if quantized else _FLOAT_RELOAD_RELATIVE_TOLERANCE
     tolerance = relative * max(1.0, scale)
     return {"ok": difference <= tolerance, "max_abs_diff": difference, "tolerance": tolerance, "quantized": quantized}
-

@@ -209,8 +209,7 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
         storage_bytes = sum(info.file_size for info in archive.infolist() if info.filename.startswith(f"{prefix}/data/"))
     if storage_bytes > 8 * limits.max_parameters:
         raise ModelTooLarge(
-            f"the TorchScript archive holds {storage_bytes} bytes of tensors, more than a model of "
-            f"{limits.max_parameters} parameters can need"
+            f"the TorchScript archive holds {storage_bytes} bytes of tensors, more than a model of {limits.max_parameters} parameters can need"
         )
     # The archive's code is read (never run) first: loading runs a module's __setstate__.
     check_torchscript_code(path)
@@ -219,7 +218,7 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
             # torch 2.14 deprecates TorchScript in favour of torch.export; the API still accepts it.
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any failure of a crafted archive is the upload's fault
+    except Exception as exc:  # any failure of a crafted archive is the upload's fault
         raise InvalidModel(f"the TorchScript archive cannot be loaded: {_first_line(exc)}") from exc
     # Every op of every method, before any of them runs.
     check_torchscript(module)
@@ -239,10 +238,8 @@ def _load_state_dict(path: Path, limits: LoadLimits) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as exc:
         # torch's own message advises turning weights-only loading off: never relay that advice.
-        raise UnsafeModel(
-            f"the file needs more than weights-only unpickling to load; {SAFE_MODEL_FORMATS_HINT}"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/OSError/EOFError/... on damaged files
+        raise UnsafeModel(f"the file needs more than weights-only unpickling to load; {SAFE_MODEL_FORMATS_HINT}") from exc
+    except Exception as exc:  # torch raises RuntimeError/OSError/EOFError/... on damaged files
         raise InvalidModel(f"the torch.save archive cannot be read: {_first_line(exc)}") from exc
     state_dict = _unwrap_state_dict(loaded)
     _check_parameter_budget(sum(tensor.numel() for tensor in state_dict.values()), limits, "the state_dict")
@@ -254,7 +251,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+    except Exception as exc:  # safetensors raises its own SafetensorError
         raise InvalidModel(f"the safetensors file cannot be read: {_first_line(exc)}") from exc
 
 
@@ -287,9 +284,7 @@ def _unwrap_state_dict(loaded: object) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _module_from_state_dict(
-    state_dict: dict[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any], limits: LoadLimits
-) -> nn.Module:
+def _module_from_state_dict(state_dict: dict[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any], limits: LoadLimits) -> nn.Module:
     try:
         skeleton: nn.Module | None = build_architecture(arch, arch_kwargs, device="meta")
     except NotImplementedError:
@@ -306,9 +301,7 @@ def _module_from_state_dict(
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise InvalidModel(
-            f"the weights do not fit {arch} with arch_kwargs {dict(arch_kwargs)!r}: {_first_line(exc)}"
-        ) from exc
+        raise InvalidModel(f"the weights do not fit {arch} with arch_kwargs {dict(arch_kwargs)!r}: {_first_line(exc)}") from exc
     _check_finite(module.state_dict())
     return module.eval()
 
@@ -336,9 +329,7 @@ def _materialise(skeleton: nn.Module) -> nn.Module:
     return module
 
 
-def _check_fit(
-    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any]
-) -> None:
+def _check_fit(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any]) -> None:
     """One message naming the missing, unexpected and mis-shaped keys, before anything is allocated."""
     # BatchNorm fills in a missing counter for checkpoints that predate it.
     missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]

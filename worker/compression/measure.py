@@ -274,8 +274,7 @@ def evaluate_accuracy(model: Callable[[torch.Tensor], Any], batches: BatchSource
             logits = _logits(model(inputs.to(target_device)))
             if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
                 raise InvalidDataset(
-                    f"accuracy needs [batch, classes] logits matching the targets; got logits {list(logits.shape)} "
-                    f"for targets {list(targets.shape)}"
+                    f"accuracy needs [batch, classes] logits matching the targets; got logits {list(logits.shape)} for targets {list(targets.shape)}"
                 )
             targets = targets.to(logits.device).long()
             num_classes = logits.shape[1]

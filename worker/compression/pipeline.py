@@ -123,8 +123,10 @@ def compress(
     plan = ProgressPlan(_progress_plan(spec, has_data), progress)
     ctx = RunContext(device=resolve_device(spec.device), progress=plan.report, should_cancel=should_cancel or (lambda: False))
     # The gateway's own check, on what is known here: one set of rules for the service and notebooks.
-    dataset_facts = None if not has_data else DatasetFacts(
-        format="tensors", num_samples=len(data.train.inputs) + len(data.val.inputs), has_targets=data.has_targets
+    dataset_facts = (
+        None
+        if not has_data
+        else DatasetFacts(format="tensors", num_samples=len(data.train.inputs) + len(data.val.inputs), has_targets=data.has_targets)
     )
     model_format = loaded.format if loaded is not None else ("torchscript" if scripted else None)
     check_compatibility(model_format, spec, dataset_facts, architecture_built=True)
@@ -163,9 +165,7 @@ def compress(
         eval_device = bench.deployable_device(trial)
         if trial.accuracy is None:
             trial.accuracy = bench.evaluate_trial(trial)
-        fidelity = measure.fidelity(
-            bench.original_on(ctx.device), trial.deployable.to(eval_device), bench.val_batches(None), ctx.device, eval_device
-        )
+        fidelity = measure.fidelity(bench.original_on(ctx.device), trial.deployable.to(eval_device), bench.val_batches(None), ctx.device, eval_device)
         trial.deployable.to("cpu")
 
     with bench.stage(Stage.benchmark):
@@ -221,8 +221,13 @@ def _benchmark(
         if trial.runs_on is None:  # an INT8 deployable runs where its quantizer said: not here
             cuda_models["compressed"] = trial.float_model.to(device).eval()
         cuda_latency = measure.measure_latency(
-            cuda_models, bench.input_shape, batch_sizes=options.batch_sizes, device="cuda",
-            threads=threads, warmup=options.warmup, runs=options.runs,
+            cuda_models,
+            bench.input_shape,
+            batch_sizes=options.batch_sizes,
+            device="cuda",
+            threads=threads,
+            warmup=options.warmup,
+            runs=options.runs,
         )
         trial.float_model.to("cpu")
     return latency, cuda_latency
@@ -258,7 +263,9 @@ def compress_files(
     if progress is not None:
         progress("load", 0.0)
     loaded = load_model(
-        Path(model_path), spec.model, LoadLimits(archive=limits.model_archive, max_parameters=limits.max_parameters),
+        Path(model_path),
+        spec.model,
+        LoadLimits(archive=limits.model_archive, max_parameters=limits.max_parameters),
         trusted_code=trusted_code,
         detected_format=model_format,
     )

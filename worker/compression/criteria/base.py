@@ -76,8 +76,7 @@ class GradientTermCriterion(Criterion):
 def require_batches(criterion: Criterion, batches: BatchSource | None) -> BatchSource:
     if batches is None:
         raise InvalidSpec(
-            f"prune.criterion '{criterion.name}' needs data to score with: upload a dataset, "
-            "or use 'magnitude' or 'random', which need none",
+            f"prune.criterion '{criterion.name}' needs data to score with: upload a dataset, or use 'magnitude' or 'random', which need none",
             field="prune.criterion",
         )
     return batches
@@ -95,9 +94,7 @@ def logits_of(output: object) -> torch.Tensor:
     # torchvision's GoogLeNet/Inception outputs are namedtuples with the logits first.
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise CompressionFailed(
-        f"the model returned {type(output).__name__}; data-driven criteria need a tensor of class logits"
-    )
+    raise CompressionFailed(f"the model returned {type(output).__name__}; data-driven criteria need a tensor of class logits")
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -164,13 +161,13 @@ def accumulate_gradient_terms(
                 loss = classification_loss(logits_of(model(inputs.to(device))), targets)
                 # autograd.grad leaves .grad untouched, so nothing accumulates across batches by accident.
                 gradients = torch.autograd.grad(loss, tensors, allow_unused=True)
-                for name, tensor, gradient in zip(names, tensors, gradients):
+                for name, tensor, gradient in zip(names, tensors, gradients, strict=True):
                     if gradient is not None:
                         sums[name] += term(tensor.detach().float(), gradient.float())
                 used += 1
                 ctx.report(SCORE_STAGE, used / max_batches)
     finally:
-        for tensor, flag in zip(tensors, requires_grad):
+        for tensor, flag in zip(tensors, requires_grad, strict=True):
             tensor.requires_grad_(flag)
         for module, training in modes.items():
             module.training = training

@@ -25,9 +25,6 @@ class RandomCriterion(Criterion):
     ) -> dict[str, torch.Tensor]:
         # Sorted names: the same seed gives the same scores whatever order the caller passes.
         generator = torch.Generator().manual_seed(self.seed)
-        scores = {
-            name: torch.rand(parameters[name].shape, generator=generator, dtype=torch.float32)
-            for name in sorted(parameters)
-        }
+        scores = {name: torch.rand(parameters[name].shape, generator=generator, dtype=torch.float32) for name in sorted(parameters)}
         ctx.report(SCORE_STAGE, 1.0)
         return scores

@@ -19,7 +19,6 @@ from worker.compression.exporters.state_dict import StateDictExporter
 from worker.compression.exporters.torchscript import TorchScriptExporter
 from worker.compression.trial import Trial
 
-
 _EXPORTERS: dict[str, Exporter] = {}
 
 

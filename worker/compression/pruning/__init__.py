@@ -1,11 +1,11 @@
 """Pruning: turns a criterion's scores into removed weights (unstructured) or channels (structured).
 
-    layers = prunable_layers(model, spec.exclude, channel_mode=False)
-    masks = prune_unstructured(model, scores, 0.5, "global", layers)
-    ... after every optimizer step: apply_masks(model, masks)
+layers = prunable_layers(model, spec.exclude, channel_mode=False)
+masks = prune_unstructured(model, scores, 0.5, "global", layers)
+... after every optimizer step: apply_masks(model, masks)
 
-    report = prune_channels(model, example_inputs, scores, 0.5, "global", spec.exclude, ctx)
-    recalibrate_batchnorm(model, train_batches, ctx)
+report = prune_channels(model, example_inputs, scores, 0.5, "global", spec.exclude, ctx)
+recalibrate_batchnorm(model, train_batches, ctx)
 """
 
 from worker.compression.pruning.batchnorm import recalibrate_batchnorm

@@ -14,9 +14,7 @@ from compactor.errors import InvalidDataset
 from worker.compression.context import BatchSource, RunContext, limited
 
 
-def recalibrate_batchnorm(
-    model: nn.Module, batches: BatchSource, ctx: RunContext, max_batches: int = 50
-) -> int:
+def recalibrate_batchnorm(model: nn.Module, batches: BatchSource, ctx: RunContext, max_batches: int = 50) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them on up to ``max_batches`` batches.
 
     The estimate is a cumulative average (momentum=None), so each batch counts
@@ -27,19 +25,12 @@ def recalibrate_batchnorm(
     It reports no progress of its own: it runs after ``prune`` reached 1.0 and
     is quick, and a second fraction under that stage would run backwards.
     """
-    norms = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-    ]
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
     if not norms:
         return 0
     modes = {module: module.training for module in model.modules()}
     momenta = {norm: norm.momentum for norm in norms}
-    saved = {
-        norm: {key: value.clone() for key, value in norm.state_dict().items() if key.startswith(("running", "num_batches"))}
-        for norm in norms
-    }
+    saved = {norm: {key: value.clone() for key, value in norm.state_dict().items() if key.startswith(("running", "num_batches"))} for norm in norms}
     device = next(iter(model.parameters())).device
     used = 0
     try:

@@ -150,22 +150,18 @@ def _has_grouped_conv(group: tp.dependency.Group) -> bool:
     """True where a grouped (not depthwise) conv is involved: Torch-Pruning cannot keep its groups even."""
     for item in group:
         module = item.dep.layer
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-            if not (module.groups == module.in_channels == module.out_channels):
-                return True
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+            continue
+        if not (module.groups == module.in_channels == module.out_channels):  # grouped, not depthwise
+            return True
     return False
 
 
-def _choose_channels(
-    importances: list[torch.Tensor], amount: float, scope: Scope
-) -> list[torch.Tensor]:
+def _choose_channels(importances: list[torch.Tensor], amount: float, scope: Scope) -> list[torch.Tensor]:
     """Indices to remove per group: ``amount`` of all channels, no group past the cap, ties by position."""
     caps = [min(imp.numel() - 1, int(imp.numel() * MAX_LAYER_PRUNING_RATIO)) for imp in importances]
     if scope == "layer":
-        return [
-            torch.argsort(imp, stable=True)[: min(cap, round(amount * imp.numel()))]
-            for imp, cap in zip(importances, caps)
-        ]
+        return [torch.argsort(imp, stable=True)[: min(cap, round(amount * imp.numel()))] for imp, cap in zip(importances, caps, strict=True)]
     total = sum(imp.numel() for imp in importances)
     wanted = round(amount * total)
     values = torch.cat(importances)
@@ -214,9 +210,7 @@ def prune_channels(
         raise InvalidSpec(f"prune.scope must be 'global' or 'layer', got {scope!r}", field="prune.scope")
 
     layers = prunable_layers(model, exclude, channel_mode=True, example_inputs=example_inputs)
-    head_and_excluded = [
-        module for name, module in model.named_modules() if is_weighted_layer(module) and name not in layers
-    ]
+    head_and_excluded = [module for name, module in model.named_modules() if is_weighted_layer(module) and name not in layers]
     head = find_head(model, example_inputs)
     report = ChannelPruneReport(head=head, params_before=_count_parameters(model))
     before = {name: out_channels(module) for name, module in layers.items()}
@@ -229,9 +223,7 @@ def prune_channels(
         importance = ElementScoreImportance(scores, model, graph)
         roots: list[tuple[nn.Module, Callable[..., nn.Module]]] = []
         importances: list[torch.Tensor] = []
-        for group in graph.get_all_groups(
-            ignored_layers=head_and_excluded, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
-        ):
+        for group in graph.get_all_groups(ignored_layers=head_and_excluded, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
             ctx.check_cancelled()
             if _has_grouped_conv(group):
                 ctx.warn("channels read by grouped convolutions are not pruned (their groups must stay even)")
@@ -245,7 +237,7 @@ def prune_channels(
 
         chosen = _choose_channels(importances, amount, scope)
         wanted = round(amount * report.channels_prunable)
-        for number, ((module, handler), indices) in enumerate(zip(roots, chosen)):
+        for number, ((module, handler), indices) in enumerate(zip(roots, chosen, strict=True)):
             ctx.check_cancelled()
             if indices.numel() == 0:
                 continue

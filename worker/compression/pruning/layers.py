@@ -11,9 +11,7 @@ from torch import nn
 # pruned unstructured) are RecursiveScriptModule instances that only remember
 # the name of the class they were compiled from.
 _WEIGHTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-_WEIGHTED_LAYER_NAMES = frozenset(
-    {"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
-)
+_WEIGHTED_LAYER_NAMES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"})
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -95,16 +93,10 @@ def prunable_layers(
     (see ``find_head``).
     """
     head = find_head(model, example_inputs) if channel_mode else None
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_weighted_layer(module) and name != head and not is_excluded(name, exclude)
-    }
+    return {name: module for name, module in model.named_modules() if is_weighted_layer(module) and name != head and not is_excluded(name, exclude)}
 
 
-def scoring_parameters(
-    model: nn.Module, layers: dict[str, nn.Module], *, channel_mode: bool
-) -> dict[str, nn.Parameter]:
+def scoring_parameters(model: nn.Module, layers: dict[str, nn.Module], *, channel_mode: bool) -> dict[str, nn.Parameter]:
     """The parameters a criterion must score before pruning ``layers``.
 
     Unstructured pruning only needs the pruned weights. Channel pruning ranks a
@@ -122,8 +114,7 @@ def scoring_parameters(
     return {
         f"{name}.weight" if name else "weight": module.weight
         for name, module in model.named_modules()
-        if (isinstance(module, _WEIGHTED_LAYER_TYPES) or isinstance(module, _NORM_TYPES))
-        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        if (isinstance(module, (_WEIGHTED_LAYER_TYPES, _NORM_TYPES))) and isinstance(getattr(module, "weight", None), nn.Parameter)
     }
 
 

@@ -80,9 +80,7 @@ def get_quantizer(mode: str) -> Quantizer[Any]:
     try:
         return _QUANTIZERS[mode]
     except KeyError:
-        raise InvalidSpec(
-            f"unknown quantization mode {mode!r}; available: {sorted(_QUANTIZERS)}", field="quantize.mode"
-        ) from None
+        raise InvalidSpec(f"unknown quantization mode {mode!r}; available: {sorted(_QUANTIZERS)}", field="quantize.mode") from None
 
 
 def available_modes() -> list[str]:

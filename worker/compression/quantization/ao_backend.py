@@ -90,7 +90,7 @@ def current_engine() -> str:
     return str(torch.backends.quantized.engine)
 
 
-def _static_qconfig(backend: str, per_channel: bool) -> "torch.ao.quantization.QConfig":
+def _static_qconfig(backend: str, per_channel: bool) -> torch.ao.quantization.QConfig:
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.observer import (
         HistogramObserver,
@@ -105,7 +105,7 @@ def _static_qconfig(backend: str, per_channel: bool) -> "torch.ao.quantization.Q
     return QConfig(activation=activation, weight=weight)
 
 
-def static_qconfig_mapping(backend: str, per_channel: bool) -> "torch.ao.quantization.QConfigMapping":
+def static_qconfig_mapping(backend: str, per_channel: bool) -> torch.ao.quantization.QConfigMapping:
     """The backend's default mapping (fixed-qparam ops, per-tensor transposed convs) with our global qconfig."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
@@ -113,9 +113,7 @@ def static_qconfig_mapping(backend: str, per_channel: bool) -> "torch.ao.quantiz
         return get_default_qconfig_mapping(backend).set_global(_static_qconfig(backend, per_channel))
 
 
-def fx_prepare_static(
-    model: nn.Module, backend: str, per_channel: bool, example_inputs: tuple[torch.Tensor, ...]
-) -> torch.fx.GraphModule:
+def fx_prepare_static(model: nn.Module, backend: str, per_channel: bool, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (eval mode, CPU), fuse conv+bn(+relu) and insert observers.
 
     Raises whatever FX raises when the model is not symbolically traceable;
@@ -158,13 +156,12 @@ def jit_convert_static(prepared: torch.jit.ScriptModule) -> torch.jit.ScriptModu
         return converted
 
 
-def _dynamic_qconfigs(per_channel: bool) -> dict[type[nn.Module], "torch.ao.quantization.QConfig"]:
+def _dynamic_qconfigs(per_channel: bool) -> dict[type[nn.Module], torch.ao.quantization.QConfig]:
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
     linear_qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     return {
-        layer_type: (default_dynamic_qconfig if issubclass(layer_type, _RECURRENT_TYPES) else linear_qconfig)
-        for layer_type in DYNAMIC_LAYER_TYPES
+        layer_type: (default_dynamic_qconfig if issubclass(layer_type, _RECURRENT_TYPES) else linear_qconfig) for layer_type in DYNAMIC_LAYER_TYPES
     }
 
 
@@ -188,4 +185,3 @@ def jit_quantize_dynamic(module: torch.jit.ScriptModule, per_channel: bool) -> t
 def is_quantized_module(module: nn.Module) -> bool:
     """True for modules that hold INT8 weights (static, dynamic or fused quantized modules)."""
     return type(module).__module__.startswith(_QUANTIZED_MODULE_PREFIXES)
-

@@ -19,16 +19,15 @@ from compactor.spec import DynamicQuantizeSpec
 from worker.compression.context import BatchSource, RunContext
 from worker.compression.quantization import (
     QuantizationResult,
+    ao_backend,
     float_ops_in_graph,
     float_weighted_layers,
     torchscript_has_int8_ops,
 )
-from worker.compression.quantization import ao_backend
 
 _CONV_REASON = "dynamic quantization has no INT8 kernel for convolutions; use quantize.mode 'static' to quantize them"
 _NOTHING_TO_QUANTIZE = (
-    "dynamic INT8 quantization found no Linear/LSTM/GRU layer to quantize in this model; "
-    "use quantize.mode 'static' for convolutional models"
+    "dynamic INT8 quantization found no Linear/LSTM/GRU layer to quantize in this model; use quantize.mode 'static' for convolutional models"
 )
 
 
@@ -56,8 +55,7 @@ def quantize_dynamic(
             if not any(ao_backend.is_quantized_module(module) for module in converted.modules()):
                 raise UnsupportedCombination(_NOTHING_TO_QUANTIZE, field="quantize.mode")
             float_layers = [
-                {"name": name, "type": layer_type, "reason": _module_reason(layer_type)}
-                for name, layer_type in float_weighted_layers(converted)
+                {"name": name, "type": layer_type, "reason": _module_reason(layer_type)} for name, layer_type in float_weighted_layers(converted)
             ]
             method = "eager"
         with ao_backend.quiet_ao(), torch.no_grad():

@@ -32,12 +32,12 @@ from worker.compression.quantization import (
     STAGE,
     WEIGHTED_LAYER_TYPES,
     QuantizationResult,
+    ao_backend,
     describe_float_layers,
     float_ops_in_graph,
     float_weighted_layers,
     torchscript_has_int8_ops,
 )
-from worker.compression.quantization import ao_backend
 
 # Share of the stage's progress spent calibrating; conversion takes the rest.
 _CALIBRATION_SHARE = 0.9
@@ -67,8 +67,7 @@ def _calibrate(prepared: Callable[..., Any], spec: StaticQuantizeSpec, calibrati
                 prepared(inputs.to("cpu"))
             except Exception as error:
                 raise CompressionFailed(
-                    f"calibration forward pass failed on an input batch of shape {list(inputs.shape)}: "
-                    f"{type(error).__name__}: {error}"
+                    f"calibration forward pass failed on an input batch of shape {list(inputs.shape)}: {type(error).__name__}: {error}"
                 ) from error
             used += 1
             ctx.report(STAGE, _CALIBRATION_SHARE * used / spec.calibration_batches)
@@ -160,11 +159,7 @@ def _float_reason(layer_name: str, untraceable: dict[str, str], backend: str) ->
     if enclosing:
         deepest = max(enclosing, key=len)
         where = f"'{deepest}'" if deepest else "the model's own forward"
-        return (
-            f"used directly by {where}, which FX could not trace: {untraceable[deepest]}"
-            if deepest != layer_name
-            else untraceable[deepest]
-        )
+        return f"used directly by {where}, which FX could not trace: {untraceable[deepest]}" if deepest != layer_name else untraceable[deepest]
     return f"no INT8 pattern of the {backend} backend matched this layer, so FX left it in FP32"
 
 
@@ -199,9 +194,7 @@ def _capture_child_inputs(module: nn.Module, args: tuple[Any, ...]) -> dict[str,
     return {name: value for name, value in captured.items() if name not in skipped}
 
 
-def _prepare_per_submodule(
-    root: nn.Module, example: torch.Tensor, spec: StaticQuantizeSpec, untraceable: dict[str, str]
-) -> list[str]:
+def _prepare_per_submodule(root: nn.Module, example: torch.Tensor, spec: StaticQuantizeSpec, untraceable: dict[str, str]) -> list[str]:
     """Replace each traceable submodule that holds weights by its FX-prepared version; returns their names.
 
     Descends into submodules FX cannot trace, recording why in ``untraceable``.
@@ -211,7 +204,7 @@ def _prepare_per_submodule(
     def visit(module: nn.Module, prefix: str, args: tuple[Any, ...]) -> None:
         try:
             child_inputs = _capture_child_inputs(module, args)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - reported per layer, which stays FP32
             untraceable[prefix] = f"its forward failed on the example input ({_first_line(error)})"
             return
         for name, child in list(module.named_children()):
@@ -223,7 +216,7 @@ def _prepare_per_submodule(
                 continue
             try:
                 prepared_child = ao_backend.fx_prepare_static(child, spec.backend, spec.per_channel, child_inputs[name])
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - FX fails in many ways; the child is retried below
                 untraceable[qualified] = f"FX could not trace it ({_first_line(error)})"
                 visit(child, qualified, child_inputs[name])
                 continue

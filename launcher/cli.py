@@ -5,7 +5,7 @@
     compactor worker  [--gpu N] [--concurrency 1] [--data-dir DIR] [--name NAME]
     compactor submit|status|list|cancel|download ...   (client commands, when installed)
 
-``serve`` is the embedded default: one process tree (see ``compactor.processes``)
+``serve`` is the embedded default: one process tree (see ``launcher.processes``)
 with the gateway and N solo-pool workers, the filesystem broker, the SQLite job
 store and artifacts under the data directory. ``gateway`` and ``worker`` are the
 distributed topology's two halves (``COMPACTOR_BROKER_URL`` / ``COMPACTOR_STORE_URL``
@@ -101,7 +101,7 @@ def _requeue_unfinished() -> int:
 
 
 def _self_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "compactor.cli", *args]
+    return [sys.executable, "-m", "launcher.cli", *args]
 
 
 def _fresh_metrics_dir(path: Path) -> None:
@@ -118,8 +118,8 @@ def _fresh_metrics_dir(path: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from compactor.processes import ChildSpec, Supervisor
     from compactor.settings import get_settings
+    from launcher.processes import ChildSpec, Supervisor
 
     _apply_environment(args)
     settings = get_settings()
@@ -167,9 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if gpus:
             worker += ["--gpu", gpus[index - 1]]
         specs.append(ChildSpec(f"worker{index}", _self_command(*worker), env))
-    log.info(
-        "serving on http://%s:%d with %d worker(s); data in %s", settings.host, settings.port, args.workers, settings.resolved_data_dir
-    )
+    log.info("serving on http://%s:%d with %d worker(s); data in %s", settings.host, settings.port, args.workers, settings.resolved_data_dir)
     return Supervisor(specs, stop_timeout=args.stop_timeout).run()
 
 
@@ -177,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from compactor.processes import bind_to_parent
+    from launcher.processes import bind_to_parent
 
     bind_to_parent()
     _apply_environment(args)
@@ -214,7 +212,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from compactor.processes import bind_to_parent
+    from launcher.processes import bind_to_parent
 
     bind_to_parent()
     if args.concurrency < 1:
@@ -275,7 +273,7 @@ def _run_celery_worker(app: Any, loglevel: str, pool: str, concurrency: int, que
 def cmd_notifier(args: argparse.Namespace) -> int:
     """The consumer of job-end webhooks (``compactor.notify_job``): a thread pool that only
     makes HTTP calls, never loads torch, and so runs beside the gateway or on any host."""
-    from compactor.processes import bind_to_parent
+    from launcher.processes import bind_to_parent
 
     bind_to_parent()
     if args.concurrency < 1:
@@ -328,20 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def data_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--data-dir", help="broker folders, job store and artifacts (default $COMPACTOR_DATA_DIR or ./compactor-data)"
-        )
+        sub.add_argument("--data-dir", help="broker folders, job store and artifacts (default $COMPACTOR_DATA_DIR or ./compactor-data)")
 
     serve = subparsers.add_parser("serve", help="gateway + workers in one process tree (embedded default)")
     listen_options(serve)
     data_option(serve)
     serve.add_argument("--workers", type=int, default=1, help="worker processes, one job each at a time (default 1)")
-    serve.add_argument(
-        "--gpus", help="comma-separated GPU indices: one worker per GPU (overrides --workers), e.g. 0,1"
-    )
-    serve.add_argument(
-        "--stop-timeout", type=float, default=30.0, help="seconds children get to stop before they are killed"
-    )
+    serve.add_argument("--gpus", help="comma-separated GPU indices: one worker per GPU (overrides --workers), e.g. 0,1")
+    serve.add_argument("--stop-timeout", type=float, default=30.0, help="seconds children get to stop before they are killed")
     serve.set_defaults(func=cmd_serve)
 
     gateway = subparsers.add_parser("gateway", help="the HTTP gateway alone (distributed topology)")
@@ -355,9 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="jobs at once; >1 uses a CPU-only prefork pool")
     worker.add_argument("--name", help="Celery node name (default compactor-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
-    worker.add_argument(
-        "--metrics-port", type=int, help="serve this worker's Prometheus /metrics on this port (a host of its own)"
-    )
+    worker.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus /metrics on this port (a host of its own)")
     worker.set_defaults(func=cmd_worker)
 
     notifier = subparsers.add_parser("notifier", help="the job-end webhook sender (no torch; one per deployment or more)")

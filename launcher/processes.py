@@ -17,6 +17,7 @@ interpreter via fork+exec, so nothing a child imports can leak into another.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -104,11 +105,7 @@ class Supervisor:
         return status
 
     def pids(self) -> dict[str, int]:
-        return {
-            child.spec.name: child.process.pid
-            for child in self._children
-            if child.process is not None and child.process.poll() is None
-        }
+        return {child.spec.name: child.process.pid for child in self._children if child.process is not None and child.process.poll() is None}
 
     def stop(self) -> None:
         """SIGTERM every live child, wait up to ``stop_timeout``, SIGKILL what remains."""
@@ -129,6 +126,10 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only note it: the loop below does the stopping outside the signal handler.
         self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        # A method, not the attribute: the signal handler sets it between any two statements.
+        return self._stop_signal is not None
 
     def _spawn(self, child: _Child) -> None:
         env = {**child.spec.env, SUPERVISOR_PID_ENV: str(os.getpid())}
@@ -151,7 +152,7 @@ class Supervisor:
                 code = child.process.poll()
                 if code is None:
                     continue
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     break  # a Ctrl-C reaches the children too; their exit is the stop, not a crash
                 if not child.spec.restart:
                     log.error("%s exited with status %d; stopping the service", child.spec.name, code)
@@ -173,7 +174,5 @@ class Supervisor:
 
 
 def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         process.send_signal(sig)
-    except ProcessLookupError:
-        pass

@@ -20,7 +20,7 @@ from compactor.jobs import Job, JobStatus, Upload, new_id
 from compactor.spec import parse_spec
 from compactor.storage import LocalStorage
 from compactor.store.base import JobStore
-from tests.helpers import TinyCNN, load_digits_tensors
+from tests.support.models import TinyCNN, load_digits_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TENANT = "default"
@@ -91,9 +91,7 @@ def add_upload(store: JobStore, storage: LocalStorage, source: Path, kind: str, 
     return upload_id
 
 
-def create_job(
-    store: JobStore, storage: LocalStorage, model: Path, spec: Mapping[str, Any], dataset: Path | None = None
-) -> Job:
+def create_job(store: JobStore, storage: LocalStorage, model: Path, spec: Mapping[str, Any], dataset: Path | None = None) -> Job:
     """A queued job as the gateway would create it: uploads in storage, the full spec stored."""
     model_id = add_upload(store, storage, model, "model", "torchscript")
     dataset_id = add_upload(store, storage, dataset, "dataset", "pt") if dataset is not None else None
@@ -134,10 +132,8 @@ class Proc:
 
     def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path, *, new_session: bool = False) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=new_session
-        )
+        self._log = open(log_path, "ab")  # noqa: SIM115 - held for the process's lifetime, closed when it stops
+        self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=new_session)
         self.pid = self.process.pid
 
     def log(self) -> str:
@@ -175,7 +171,7 @@ class Proc:
 
 def start_worker(data_dir: Path, log_path: Path, name: str = "w1@%h", **env: str) -> Proc:
     proc = Proc(
-        [sys.executable, "-m", "compactor.cli", "worker", "--name", name],
+        [sys.executable, "-m", "launcher.cli", "worker", "--name", name],
         child_env(data_dir, **env),
         log_path,
     )

@@ -6,13 +6,14 @@ it) and the process's memory figures from /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import time
 from pathlib import Path
 
-from tests.service.conftest import ALICE, BOB
-from tests.worker.support import Proc, child_env, free_port, wait_answering
+from tests.support.gateway import ALICE, BOB
+from tests.support.jobs import Proc, child_env, free_port, wait_answering
 
 MIB = 1024 * 1024
 
@@ -23,7 +24,7 @@ class LiveGateway:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc(
-            [sys.executable, "-m", "compactor.cli", "gateway", "--port", str(self.port)],
+            [sys.executable, "-m", "launcher.cli", "gateway", "--port", str(self.port)],
             child_env(data_dir, COMPACTOR_API_KEYS=f"alice:{ALICE},bob:{BOB}", **env),
             log_path,
         )
@@ -55,10 +56,8 @@ class LiveGateway:
         whole response with a Content-Length is in); returns (response bytes, seconds)."""
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            try:
+            with contextlib.suppress(OSError):  # the server may answer and close before it has read everything
                 sock.sendall(request)
-            except OSError:
-                pass  # the server may answer and close before it has read everything
             return read_response(sock), time.monotonic() - started
 
     def stop(self) -> None:

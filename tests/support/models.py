@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class TinyCNN(nn.Module):
@@ -45,10 +45,20 @@ def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def train_classifier(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epochs: int = 12, lr: float = 3e-3, seed: int = 0
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epochs: int = 12,
+    lr: float = 3e-3,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> nn.Module:
+    """Seeded minibatch training (batches of 64); Adam at ``lr`` unless an optimizer is given,
+    ``schedule`` stepped per batch."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -58,6 +68,8 @@ def train_classifier(
             optimizer.zero_grad()
             F.cross_entropy(model(inputs[index]), targets[index]).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
     return model.eval()
 
 
