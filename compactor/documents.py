@@ -13,7 +13,7 @@ reads back as it was.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -198,7 +198,11 @@ class JobOut(BaseModel):
     attempts: int
     spec: dict[str, Any] = Field(description="The full job spec with defaults filled in.")
     error: JobErrorOut | None
-    metrics: Report | None = Field(description="The report of a succeeded job (report.json); null before.")
+    # left_to_right: a report is read as a Report where it is one; a stored record this version
+    # cannot read as one (hand-written, or of a shape long gone) is returned as it was stored.
+    metrics: Annotated[Report | dict[str, Any], Field(union_mode="left_to_right")] | None = Field(
+        description="The report of a succeeded job (report.json); null before."
+    )
     artifacts: list[ArtifactOut]
     cancel_requested: bool = Field(description="A cancel was asked for and a running job will stop at its next batch.")
     model_id: str = Field(description="The uploaded model this job compresses (reusable in other jobs).")
@@ -217,7 +221,7 @@ class JobOut(BaseModel):
             attempts=job.attempts,
             spec=job.spec,
             error=JobErrorOut(code=job.error.code, message=job.error.message) if job.error else None,
-            metrics=Report.model_validate(job.metrics) if job.metrics is not None else None,
+            metrics=job.metrics,
             artifacts=[
                 ArtifactOut(name=a.name, size_bytes=a.size_bytes, sha256=a.sha256, url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts
             ],

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compactor.documents import Report, job_json
+from compactor.documents import JobOut, Report, job_json
 from compactor.jobs import Job, JobStatus
 from compactor.spec import JobSpec
 from tests.support.live_server import METRICS
@@ -57,6 +57,10 @@ def test_a_stored_report_reads_back_as_it_was_stored() -> None:
         document = json.loads(job_json(_job(stored)))
         assert document["metrics"] == stored
     assert json.loads(job_json(_job(None)))["metrics"] is None
+    # A record that is no report this version can read is still returned as stored, not a 500.
+    odd = {"compressed": {"top1": 0.9, "latency_ms": "n/a"}, "ratios": [1, 2]}
+    assert json.loads(job_json(_job(odd)))["metrics"] == odd
+    assert isinstance(JobOut.of(_job(METRICS)).metrics, Report)
 
 
 def test_openapi_shows_the_reports_fields(make_settings) -> None:

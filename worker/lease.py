@@ -43,9 +43,11 @@ class StopReason(StrEnum):
 
 
 def _stage_of(name: str) -> Stage | None:
+    # The core reports Stage members (the catalogue's); anything else is a bug, said, not stored.
     try:
         return Stage(name)
     except ValueError:
+        log.warning("progress for an unknown stage %r ignored; stages are compactor.jobs.Stage members", name)
         return None
 
 

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from compactor.errors import Cancelled, CompactorError
+from compactor.jobs import Stage
 from compactor.spec import JobSpec
 from tests.support.models import TinyCNN, top1
 from worker.compression.data import Dataset, split_dataset
@@ -62,6 +63,7 @@ def test_channel_prune_finetune_int8_keeps_accuracy_and_shrinks(tiny_cnn, digits
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and fractions[-1] < 1.0 and fractions[-1] > 0.9
     assert {stage for stage, _ in seen} >= {"score", "prune", "finetune", "quantize", "export", "benchmark"}
+    assert all(isinstance(stage, Stage) for stage, _ in seen)  # never a free string (the lease stores Stage)
     # contract metrics are present
     for side in ("original", "compressed"):
         block = metrics[side]
@@ -246,6 +248,24 @@ def test_cancellation_is_also_checked_between_stages_without_batches(tiny_cnn) -
             benchmark=QUICK,
         )
     assert "benchmark" not in stages
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_progress_plan_is_the_sum_of_the_passes(tiny_cnn, digits_split, steps: int) -> None:
+    """The plan is what the passes say they will do: the bar reaches its ceiling exactly at the
+    end, never early (an under-planned run) nor short of it (an over-planned one)."""
+    from worker.compression.progress import CEILING
+
+    spec = _spec(prune={"granularity": "unstructured", "amount": 0.4, "steps": steps}, finetune={"epochs": 4}, quantize={"mode": "dynamic"})
+    seen: list[tuple[str, float]] = []
+    compress(tiny_cnn, spec, digits_split, progress=lambda stage, f: seen.append((stage, f)), benchmark=QUICK)
+    assert seen[-1] == (Stage.benchmark, pytest.approx(CEILING))
+    first_at_ceiling = next(index for index, (_, fraction) in enumerate(seen) if fraction >= CEILING - 1e-9)
+    assert seen[first_at_ceiling][0] == Stage.benchmark
+    # Pruning in steps fine-tunes between them: finetune progress appears before the last prune.
+    order = [stage for stage, _ in seen]
+    if steps > 1:
+        assert order.index(Stage.finetune) < len(order) - 1 - order[::-1].index(Stage.prune)
 
 
 def test_batchnorm_statistics_describe_the_fine_tuned_weights(tiny_cnn, digits_split) -> None:

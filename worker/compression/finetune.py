@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compactor.jobs import Stage
 from compactor.spec import FinetuneSpec
 from worker.compression.context import BatchSource, RunContext
 
@@ -53,7 +54,7 @@ def finetune(
     teacher: nn.Module | None = None,
     after_step: Callable[[], None] | None = None,
     epochs: int | None = None,
-    stage: str = "finetune",
+    stage: str = Stage.finetune,
 ) -> FinetuneReport:
     """Train ``model`` in place on ``ctx.device``; ``after_step`` re-applies pruning masks."""
     epochs = spec.epochs if epochs is None else epochs

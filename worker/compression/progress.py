@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from compactor.jobs import Stage
+
 # Stage weights are the catalogue's (compactor.catalogue.STAGES).
 
 # The job reaches 1.0 when it has succeeded, which the worker records, not the core.
@@ -36,7 +38,7 @@ class ProgressPlan:
     def skip(self, weight: float) -> None:
         """Account for planned work that turned out unnecessary (e.g. a search that stopped early)."""
         self._done += weight
-        self.report(self._stage or "load", 0.0)
+        self.report(self._stage or Stage.load, 0.0)
 
     def report(self, stage: str, fraction: float) -> None:
         overall = (self._done + self._current_weight * min(max(fraction, 0.0), 1.0)) / self._total

@@ -18,9 +18,10 @@ from torch import nn
 
 from compactor.catalogue import CRITERIA, CriterionFacts
 from compactor.errors import CompressionFailed, InvalidDataset, InvalidSpec
+from compactor.jobs import Stage
 from worker.compression.context import BatchSource, RunContext, limited
 
-SCORE_STAGE = "score"
+SCORE_STAGE = Stage.score
 
 # term(weight, gradient) -> the per-batch contribution a criterion accumulates.
 GradientTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -21,11 +21,12 @@ from torch import nn
 
 from compactor.compat import channel_pruning_refused
 from compactor.errors import CompressionFailed, InvalidSpec, UnsupportedCombination
+from compactor.jobs import Stage
 from worker.compression.context import RunContext
 from worker.compression.pruning.layers import find_head, is_weighted_layer, out_channels, prunable_layers
 
 Scope = Literal["global", "layer"]
-PRUNE_STAGE = "prune"
+PRUNE_STAGE = Stage.prune
 # No layer loses more than this fraction of its channels in one call, so none collapses.
 MAX_LAYER_PRUNING_RATIO = 0.9
 

@@ -24,10 +24,11 @@ from torch import nn
 
 from compactor.catalogue import QUANT_MODES
 from compactor.errors import CompactorError, CompressionFailed, InvalidSpec
+from compactor.jobs import Stage
 from compactor.spec import QuantizeSpec
 from worker.compression.context import BatchSource, RunContext
 
-STAGE = "quantize"
+STAGE = Stage.quantize
 
 _Section_contra = TypeVar("_Section_contra", contravariant=True)
 
