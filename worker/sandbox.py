@@ -194,7 +194,7 @@ def _send(conn: Connection, message: dict[str, Any]) -> None:
 def _error_document(exc: BaseException) -> dict[str, Any]:
     from pydantic import ValidationError
 
-    from worker.compression.pipeline import is_memory_exhaustion
+    from worker.compression.context import is_memory_exhaustion
     from worker.confinement import ConfinementError
 
     if isinstance(exc, CompactorError):

@@ -248,3 +248,22 @@ def test_recalibration_with_no_batches_keeps_the_old_statistics(tiny_cnn: TinyCN
     with pytest.raises(InvalidDataset):
         recalibrate_batchnorm(tiny_cnn, lambda: iter(()), RunContext())
     assert torch.equal(tiny_cnn.features[1].running_var, before)
+
+
+def test_an_architecture_torch_pruning_cannot_trace_is_a_clear_refusal() -> None:
+    """shufflenet_v2's channel shuffle used to end the job as internal_error (a ZeroDivisionError
+    inside Torch-Pruning's dependency graph); now it is unsupported_combination naming the field."""
+    from compactor.spec import JobSpec
+    from worker.compression.loading import LoadedModel
+    from worker.compression.pipeline import BenchmarkOptions, compress
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    spec = JobSpec.model_validate({"model": {"input_shape": [1, 3, 64, 64]}, "prune": {"granularity": "channel", "amount": 0.3}})
+    loaded = LoadedModel(module=model, format="state_dict", scripted=False, arch="shufflenet_v2_x0_5")
+    with pytest.raises(UnsupportedCombination, match="could not build one for this architecture") as refused:
+        compress(loaded, spec, None, benchmark=BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,)))
+    assert refused.value.field == "prune.granularity" and refused.value.code == "unsupported_combination"
+    # The refusal names the way that works: unstructured pruning of the same model succeeds.
+    unstructured = spec.model_copy(update={"prune": spec.prune.model_copy(update={"granularity": "unstructured"})})
+    result = compress(loaded, unstructured, None, benchmark=BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,)))
+    assert result.metrics["compressed"]["nonzero_params"] < result.metrics["original"]["nonzero_params"]

@@ -51,3 +51,9 @@ def limited(source: BatchSource, max_batches: int) -> Iterator[Batch]:
         if index >= max_batches:
             return
         yield batch
+
+
+def is_memory_exhaustion(error: BaseException) -> bool:
+    """An allocation failed (Python's MemoryError, or torch's allocator, also through TorchScript)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "bad_alloc" in text

@@ -30,7 +30,7 @@ from compactor.jobs import Stage
 from compactor.limits import Limits
 from compactor.spec import JobSpec
 from worker.compression import measure
-from worker.compression.context import RunContext
+from worker.compression.context import RunContext, is_memory_exhaustion
 from worker.compression.data import DatasetLimits, SplitData, load_dataset, split_dataset, synthetic_data
 from worker.compression.export import to_torchscript
 from worker.compression.exporters import Exported, exporters_for
@@ -58,12 +58,6 @@ class CompressionResult:
     torchscript: torch.jit.ScriptModule
     metrics: dict[str, Any]
     artifacts: dict[str, Path] = field(default_factory=dict)
-
-
-def is_memory_exhaustion(error: BaseException) -> bool:
-    """An allocation failed (Python's MemoryError, or torch's allocator, also through TorchScript)."""
-    text = str(error)
-    return isinstance(error, MemoryError) or "can't allocate memory" in text or "bad_alloc" in text
 
 
 def _output_check(model: nn.Module, example: torch.Tensor) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from compactor.compat import channel_pruning_refused
 from compactor.errors import CompressionFailed, InvalidSpec, UnsupportedCombination
 from compactor.jobs import Stage
-from worker.compression.context import RunContext
+from worker.compression.context import RunContext, is_memory_exhaustion
 from worker.compression.pruning.layers import find_head, is_weighted_layer, out_channels, prunable_layers
 
 Scope = Literal["global", "layer"]
@@ -147,6 +147,25 @@ class ElementScoreImportance(tp.importance.Importance):
         return importance / mean if mean > 0 else importance
 
 
+def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``; an architecture it cannot trace is a clear
+    refusal naming why, not a crash of the job (shufflenet_v2's channel shuffle, a view that
+    folds channels into groups, ends in a ZeroDivisionError inside Torch-Pruning 1.6.1)."""
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    except Exception as error:  # Torch-Pruning fails in many ways on what it cannot trace
+        if is_memory_exhaustion(error):
+            raise  # the job's memory limit, reported as such, not the architecture
+        cause = str(error).splitlines()[0][:200] if str(error) else ""
+        raise UnsupportedCombination(
+            "channel pruning needs a dependency graph of the model, and Torch-Pruning could not build one for this "
+            f"architecture ({type(error).__name__}{': ' + cause if cause else ''}; reshapes that fold channels into "
+            "groups, like shufflenet's channel shuffle, are the usual cause): use prune.granularity 'unstructured', "
+            "or quantize without channel pruning",
+            field="prune.granularity",
+        ) from error
+
+
 def _has_grouped_conv(group: tp.dependency.Group) -> bool:
     """True where a grouped (not depthwise) conv is involved: Torch-Pruning cannot keep its groups even."""
     for item in group:
@@ -220,7 +239,7 @@ def prune_channels(
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.to(device))
+        graph = _dependency_graph(model, example_inputs.to(device))
         importance = ElementScoreImportance(scores, model, graph)
         roots: list[tuple[nn.Module, Callable[..., nn.Module]]] = []
         importances: list[torch.Tensor] = []
