@@ -131,6 +131,15 @@ MODEL_FORMATS: Mapping[str, ModelFormatFacts] = _index(
         runs_uploaded_code=False,
         summary="a .safetensors file of weights, loaded into spec.model.arch",
     ),
+    ModelFormatFacts(
+        "pt2",
+        needs_arch=False,
+        opaque_architecture=False,
+        # Data, not a program: read with torch.load(weights_only=True) only, every op of its
+        # graph allowlisted before anything runs (worker/compression/pt2.py).
+        runs_uploaded_code=False,
+        summary="a torch.export.save archive: an allowlisted ATen graph, rebuilt into real layers",
+    ),
 )
 
 STAGES: Mapping[Stage, StageFacts] = MappingProxyType(

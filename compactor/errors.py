@@ -90,5 +90,5 @@ class CompressionFailed(CompactorError):
 
 SAFE_MODEL_FORMATS_HINT = (
     "upload a TorchScript archive (torch.jit.save), a state_dict saved with torch.save(model.state_dict(), f) "
-    "plus spec.model.arch, or a .safetensors file plus spec.model.arch"
+    "plus spec.model.arch, a .safetensors file plus spec.model.arch, or a torch.export.save archive (.pt2)"
 )

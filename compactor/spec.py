@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-ModelFormat = Literal["auto", "torchscript", "state_dict", "safetensors"]
+ModelFormat = Literal["auto", "torchscript", "state_dict", "safetensors", "pt2"]
 Criterion = Literal["magnitude", "gradient", "taylor", "hessian", "random"]
 Granularity = Literal["unstructured", "channel"]
 Scope = Literal["global", "layer"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from compactor.formats.pickle_scan import MalformedPickle, describe_globals, dis
 from compactor.formats.safetensors import looks_like_safetensors, read_safetensors_header
 from compactor.formats.zip_guard import check_zip_archive, open_zip, read_entry, single_top_level_prefix
 
-ModelFileFormat = Literal["torchscript", "state_dict", "safetensors"]
+ModelFileFormat = Literal["torchscript", "state_dict", "safetensors", "pt2"]
 DatasetFileFormat = Literal["pt", "npz"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -72,6 +74,9 @@ def _detect_zip_model(path: Path, file_size: int, limits: ArchiveLimits) -> Mode
             raise UnsupportedModelFormat(f"this is a numpy .npz archive, which is a dataset format, not a model; {SAFE_MODEL_FORMATS_HINT}")
         prefix = single_top_level_prefix(names, InvalidModel)
         name_set = set(names)
+        if f"{prefix}/{PT2_PROGRAM}" in name_set and f"{prefix}/archive_format" in name_set:
+            _check_pt2(archive, prefix, name_set, limits)
+            return "pt2"
         has_code = any(name.startswith(f"{prefix}/code/") for name in names)
         if has_code:
             if f"{prefix}/constants.pkl" not in name_set or f"{prefix}/data.pkl" not in name_set:
@@ -92,6 +97,58 @@ def _detect_zip_model(path: Path, file_size: int, limits: ArchiveLimits) -> Mode
             f"(a whole pickled nn.Module, or custom objects); {SAFE_MODEL_FORMATS_HINT}"
         )
     return "state_dict"
+
+
+# A torch.export.save archive: the program as JSON, weights and constants described by JSON
+# configs, and torch.save payloads (sample inputs; tensors flagged use_pickle) inside.
+PT2_PROGRAM = "models/model.json"
+_PT2_CONFIGS = ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
+_PT2_TENSOR_PREFIXES = ("weight_", "tensor_")
+
+
+def _check_pt2(archive: zipfile.ZipFile, prefix: str, names: set[str], limits: ArchiveLimits) -> None:
+    """What the gateway can refuse in a .pt2 without torch: script and opaque objects (they load
+    through arbitrary unpickling), and any torch.save payload that pickles more than tensors. The
+    worker reads the archive with torch.load(weights_only=True) only (worker/compression/pt2.py)."""
+    for config_name in _PT2_CONFIGS:
+        if f"{prefix}/{config_name}" not in names:
+            raise InvalidModel(f"the torch.export archive has no {config_name} (a legacy or foreign format; re-save it with torch.export.save)")
+        try:
+            config = json.loads(read_entry(archive, f"{prefix}/{config_name}", limits.max_pickle_bytes, InvalidModel))
+            entries = config["config"].items()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidModel(f"the torch.export archive's {config_name} is malformed: {exc}") from None
+        directory = config_name.rsplit("/", 1)[0]
+        for fqn, meta in entries:
+            path_name = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
+            if not path_name.startswith(_PT2_TENSOR_PREFIXES):
+                raise UnsafeModel(
+                    f"the torch.export archive's {fqn!r} is a script or opaque object ({path_name[:80]}), which loads through "
+                    f"arbitrary unpickling; export a model of tensors and ATen ops. {SAFE_MODEL_FORMATS_HINT}"
+                )
+            if meta.get("use_pickle"):
+                _check_torch_save_payload(archive, f"{prefix}/{directory}/{path_name}", limits, f"tensor {fqn!r}")
+    for name in sorted(names):
+        if name.startswith(f"{prefix}/data/sample_inputs/"):
+            _check_torch_save_payload(archive, name, limits, "sample inputs")
+
+
+def _check_torch_save_payload(archive: zipfile.ZipFile, name: str, limits: ArchiveLimits, what: str) -> None:
+    payload = read_entry(archive, name, limits.max_pickle_bytes, InvalidModel)
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as inner:
+            pickles = [entry for entry in inner.namelist() if entry.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise InvalidModel(f"the torch.export archive's {what} is not a torch.save payload")
+            pickle_bytes = read_entry(inner, pickles[0], limits.max_pickle_bytes, InvalidModel)
+    except zipfile.BadZipFile:
+        raise InvalidModel(f"the torch.export archive's {what} is not a torch.save payload") from None
+    try:
+        disallowed = disallowed_globals(pickle_bytes)
+    except MalformedPickle as exc:
+        raise InvalidModel(f"the torch.export archive's {what} is damaged: {exc}") from exc
+    if disallowed:
+        raise UnsafeModel(f"the torch.export archive's {what} pickles {describe_globals(disallowed)}, which only arbitrary unpickling could load")
 
 
 def detect_dataset_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> DatasetFileFormat:

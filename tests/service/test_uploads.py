@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import zipfile
 
 import httpx
 import pytest
+import torch
 
 from tests.support.gateway import ALICE, BOB, auth, stored_files
 
@@ -17,7 +21,7 @@ async def upload(client: httpx.AsyncClient, kind: str, data: bytes, key: str = A
     return await client.post(f"/v1/{kind}", files={"file": (name, data)}, headers=auth(key))
 
 
-@pytest.mark.parametrize(("which", "fmt"), [("torchscript", "torchscript"), ("state_dict", "state_dict")])
+@pytest.mark.parametrize(("which", "fmt"), [("torchscript", "torchscript"), ("state_dict", "state_dict"), ("pt2", "pt2")])
 async def test_upload_model_detects_format_and_hashes(client, files, settings, which, fmt) -> None:
     data = getattr(files, which)
     response = await upload(client, "models", data, name="../../etc/passwd")  # the name is never a path
@@ -52,6 +56,25 @@ async def test_unsafe_model_is_refused_and_not_kept(client, files, settings) -> 
     assert problem["code"] == "unsafe_model"
     assert "TorchScript" in problem["detail"]
     assert stored_files(settings) == []
+
+
+async def test_a_pt2_that_would_unpickle_code_is_refused_at_upload(client, files, settings, tmp_path) -> None:
+    # torch.export.load would run this (its sample inputs fall back to weights_only=False).
+    class Touch:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil_inputs = io.BytesIO()
+    torch.save(((Touch(),), {}), evil_inputs)
+    source, evil = zipfile.ZipFile(io.BytesIO(files.pt2)), io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as target:
+        for info in source.infolist():
+            is_inputs = info.filename.endswith("data/sample_inputs/model.pt")
+            target.writestr(info, evil_inputs.getvalue() if is_inputs else source.read(info))
+    response = await upload(client, "models", evil.getvalue())
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "unsafe_model" and "posix.system" in response.json()["detail"]
+    assert stored_files(settings) == [] and not (tmp_path / "pwned").exists()
 
 
 async def test_unknown_model_format_is_415(client, files, settings) -> None:

@@ -41,6 +41,7 @@ class Tiny(nn.Module):
 class Files:
     torchscript: bytes
     state_dict: bytes
+    pt2: bytes
     unsafe: bytes
     dataset_pt: bytes
     dataset_npz: bytes
@@ -61,12 +62,16 @@ def make_files() -> Files:
     torch.jit.save(torch.jit.script(model), ts)
     inputs = torch.rand(12, 1, 8, 8)
     targets = torch.randint(0, 10, (12,))
+    pt2 = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model, (inputs[:2],), dynamic_shapes={"x": {0: batch}}), pt2)
     npz, npz_unlabeled = io.BytesIO(), io.BytesIO()
     np.savez(npz, inputs=inputs.numpy(), targets=targets.numpy())
     np.savez(npz_unlabeled, inputs=inputs.numpy()[:7])
     return Files(
         torchscript=ts.getvalue(),
         state_dict=_saved(model.state_dict()),
+        pt2=pt2.getvalue(),
         unsafe=_saved(model),  # unsafe-on-purpose: a whole pickled nn.Module
         dataset_pt=_saved({"inputs": inputs, "targets": targets}),
         dataset_npz=npz.getvalue(),

@@ -185,12 +185,21 @@ def _read_torchscript(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> 
     return _load_torchscript(path, limits)
 
 
+def _read_pt2(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+    from worker.compression.graph_modules import rebuild_layer_modules
+    from worker.compression.pt2 import load_exported_program
+
+    program = load_exported_program(path, limits=limits.archive, max_parameters=limits.max_parameters)
+    return rebuild_layer_modules(program.module()).module
+
+
 # One reader per format of the catalogue (compactor.catalogue.MODEL_FORMATS), same names.
 ModelReader = Callable[[Path, ModelSpec, LoadLimits], nn.Module]
 _READERS: dict[str, ModelReader] = {
     "torchscript": _read_torchscript,
     "state_dict": _read_state_dict,
     "safetensors": _read_safetensors,
+    "pt2": _read_pt2,
 }
 
 
