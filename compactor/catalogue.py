@@ -43,8 +43,6 @@ class QuantModeFacts:
     """A quantization mode (``quantize.mode``)."""
 
     name: str
-    # Reads real input batches to fix activation ranges before conversion.
-    needs_calibration: bool
     # Devices its INT8 kernels exist for; the quantized model is evaluated and benchmarked there.
     runs_on: tuple[str, ...]
     summary: str
@@ -105,8 +103,8 @@ CRITERIA: Mapping[str, CriterionFacts] = _index(
 )
 
 QUANT_MODES: Mapping[str, QuantModeFacts] = _index(
-    QuantModeFacts("static", needs_calibration=True, runs_on=("cpu",), summary="INT8 weights and activations, calibrated on data"),
-    QuantModeFacts("dynamic", needs_calibration=False, runs_on=("cpu",), summary="INT8 Linear/RNN weights, activations per batch"),
+    QuantModeFacts("static", runs_on=("cpu",), summary="INT8 weights and activations, calibrated on data"),
+    QuantModeFacts("dynamic", runs_on=("cpu",), summary="INT8 Linear/RNN weights, activations per batch"),
 )
 
 MODEL_FORMATS: Mapping[str, ModelFormatFacts] = _index(

@@ -6,12 +6,14 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from compactor.errors import (
     SAFE_MODEL_FORMATS_HINT,
+    CompactorError,
     InvalidDataset,
     InvalidModel,
     InvalidSpec,
@@ -87,16 +89,27 @@ def _detect_zip_model(path: Path, file_size: int, limits: ArchiveLimits) -> Mode
                 f"the zip archive is neither a torch.save nor a TorchScript archive (no data.pkl); {SAFE_MODEL_FORMATS_HINT}"
             )
         pickle_bytes = read_entry(archive, f"{prefix}/data.pkl", limits.max_pickle_bytes, InvalidModel)
+    _refuse_unsafe_pickle(
+        pickle_bytes,
+        damaged=lambda why: InvalidModel(f"the archive's data.pkl is damaged: {why}"),
+        unsafe=lambda globals_: UnsafeModel(
+            f"the file pickles {globals_}, which only arbitrary unpickling could load "
+            f"(a whole pickled nn.Module, or custom objects); {SAFE_MODEL_FORMATS_HINT}"
+        ),
+    )
+    return "state_dict"
+
+
+def _refuse_unsafe_pickle(pickle_bytes: bytes, *, damaged: Callable[[str], CompactorError], unsafe: Callable[[str], CompactorError]) -> None:
+    """The opcode scan every pickle of an upload goes through: ``damaged(parse error)`` when it is
+    no well-formed pickle, ``unsafe(described globals)`` when it imports anything but the tensor
+    rebuilds of a plain state_dict."""
     try:
         disallowed = disallowed_globals(pickle_bytes)
     except MalformedPickle as exc:
-        raise InvalidModel(f"the archive's data.pkl is damaged: {exc}") from exc
+        raise damaged(str(exc)) from exc
     if disallowed:
-        raise UnsafeModel(
-            f"the file pickles {describe_globals(disallowed)}, which only arbitrary unpickling could load "
-            f"(a whole pickled nn.Module, or custom objects); {SAFE_MODEL_FORMATS_HINT}"
-        )
-    return "state_dict"
+        raise unsafe(describe_globals(disallowed))
 
 
 # A torch.export.save archive: the program as JSON, weights and constants described by JSON
@@ -143,12 +156,11 @@ def _check_torch_save_payload(archive: zipfile.ZipFile, name: str, limits: Archi
             pickle_bytes = read_entry(inner, pickles[0], limits.max_pickle_bytes, InvalidModel)
     except zipfile.BadZipFile:
         raise InvalidModel(f"the torch.export archive's {what} is not a torch.save payload") from None
-    try:
-        disallowed = disallowed_globals(pickle_bytes)
-    except MalformedPickle as exc:
-        raise InvalidModel(f"the torch.export archive's {what} is damaged: {exc}") from exc
-    if disallowed:
-        raise UnsafeModel(f"the torch.export archive's {what} pickles {describe_globals(disallowed)}, which only arbitrary unpickling could load")
+    _refuse_unsafe_pickle(
+        pickle_bytes,
+        damaged=lambda why: InvalidModel(f"the torch.export archive's {what} is damaged: {why}"),
+        unsafe=lambda globals_: UnsafeModel(f"the torch.export archive's {what} pickles {globals_}, which only arbitrary unpickling could load"),
+    )
 
 
 def detect_dataset_format(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> DatasetFileFormat:
@@ -202,15 +214,14 @@ def dataset_format_in(archive: zipfile.ZipFile, limits: ArchiveLimits) -> Detect
     if f"{prefix}/data.pkl" not in names:
         raise InvalidDataset("the zip archive is neither a torch.save .pt nor a numpy .npz")
     pickle_bytes = read_entry(archive, f"{prefix}/data.pkl", min(limits.max_pickle_bytes, limits.max_dataset_pickle_bytes), InvalidDataset)
-    try:
-        disallowed = disallowed_globals(pickle_bytes)
-    except MalformedPickle as exc:
-        raise InvalidDataset(f"the dataset's data.pkl is damaged: {exc}") from exc
-    if disallowed:
-        raise InvalidDataset(
-            f"the dataset pickles {describe_globals(disallowed)}, which cannot be loaded without arbitrary unpickling; "
+    _refuse_unsafe_pickle(
+        pickle_bytes,
+        damaged=lambda why: InvalidDataset(f"the dataset's data.pkl is damaged: {why}"),
+        unsafe=lambda globals_: InvalidDataset(
+            f"the dataset pickles {globals_}, which cannot be loaded without arbitrary unpickling; "
             "save a plain dict of tensors: torch.save({'inputs': x, 'targets': y}, f)"
-        )
+        ),
+    )
     return DetectedDataset("pt", pickle_bytes=pickle_bytes, prefix=prefix)
 
 

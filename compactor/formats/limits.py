@@ -33,7 +33,7 @@ class ArchiveLimits:
     max_pickle_bytes: int = 64 * _MIB
     # {'inputs': x, 'targets': y} pickles to well under 1 KiB. Whatever else a dataset's
     # pickle holds, the loaders still build as plain containers at ~15x its size (a 12 MiB
-    # dict of ints cost 195 MiB to count samples in the gateway, as much in torch.load).
+    # dict of ints cost 195 MiB to count samples in the gateway, as much in torch's loader).
     max_dataset_pickle_bytes: int = 1 * _MIB
     max_safetensors_header_bytes: int = 64 * _MIB
     max_npy_header_bytes: int = 64 * 1024

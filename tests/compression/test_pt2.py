@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from compactor.errors import InvalidModel, ModelTooLarge, UnsafeModel
+from compactor.formats import detect_model_format
 from tests.support.models import TinyCNN
-from worker.compression.pt2 import is_pt2_archive, load_exported_program
+from worker.compression.loading import LoadLimits
+from worker.compression.pt2 import load_exported_program
 
 
 def _export(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
@@ -63,7 +65,7 @@ def _saved(obj: object) -> bytes:
 
 
 def test_an_exported_program_round_trips_exactly_with_its_dynamic_batch(archive: Path) -> None:
-    assert is_pt2_archive(archive)
+    assert detect_model_format(archive) == "pt2"
     reference = torch.export.load(archive).module()  # our own file: torch's loader is fine here
     program = load_exported_program(archive)
     module = program.module()
@@ -134,8 +136,9 @@ def test_damaged_and_oversized_archives_are_invalid(archive: Path, tmp_path: Pat
     with pytest.raises(InvalidModel):
         load_exported_program(program_gone)
     with pytest.raises(ModelTooLarge):
-        load_exported_program(archive, max_parameters=100)
-    assert not is_pt2_archive(truncated)
+        load_exported_program(archive, LoadLimits(max_parameters=100))
+    with pytest.raises(InvalidModel):
+        detect_model_format(truncated)
 
 
 def test_a_pt2_upload_is_channel_pruned_and_quantized_like_the_module(tiny_cnn, tmp_path: Path) -> None:

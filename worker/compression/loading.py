@@ -160,7 +160,7 @@ def load_model(
             "or upload a TorchScript archive instead",
             field="model.arch",
         )
-    module = _READERS[detected](path, model_spec, limits)
+    module = _READERS[detected](path, model_spec, limits, trusted_code or is_confined())
     return LoadedModel(
         module=module,
         format=detected,
@@ -169,32 +169,33 @@ def load_model(
     )
 
 
-def _read_safetensors(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+def _read_safetensors(path: Path, model_spec: ModelSpec, limits: LoadLimits, code_allowed: bool) -> nn.Module:
     assert model_spec.arch is not None
     header = read_safetensors_header(path, limits.archive)
-    _check_parameter_budget(sum(entry.numel for entry in header.values()), limits, "the safetensors file")
+    check_parameter_budget(sum(entry.numel for entry in header.values()), limits, "the safetensors file")
     return _module_from_state_dict(_load_safetensors(path), model_spec.arch, model_spec.arch_kwargs, limits)
 
 
-def _read_state_dict(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+def _read_state_dict(path: Path, model_spec: ModelSpec, limits: LoadLimits, code_allowed: bool) -> nn.Module:
     assert model_spec.arch is not None
     return _module_from_state_dict(_load_state_dict(path, limits), model_spec.arch, model_spec.arch_kwargs, limits)
 
 
-def _read_torchscript(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
-    return _load_torchscript(path, limits)
+def _read_torchscript(path: Path, model_spec: ModelSpec, limits: LoadLimits, code_allowed: bool) -> nn.Module:
+    return _load_torchscript(path, limits, code_allowed=code_allowed)
 
 
-def _read_pt2(path: Path, model_spec: ModelSpec, limits: LoadLimits) -> nn.Module:
+def _read_pt2(path: Path, model_spec: ModelSpec, limits: LoadLimits, code_allowed: bool) -> nn.Module:
     from worker.compression.graph_modules import rebuild_layer_modules
     from worker.compression.pt2 import load_exported_program
 
-    program = load_exported_program(path, limits=limits.archive, max_parameters=limits.max_parameters)
+    program = load_exported_program(path, limits)
     return rebuild_layer_modules(program.module()).module
 
 
-# One reader per format of the catalogue (compactor.catalogue.MODEL_FORMATS), same names.
-ModelReader = Callable[[Path, ModelSpec, LoadLimits], nn.Module]
+# One reader per format of the catalogue (compactor.catalogue.MODEL_FORMATS), same names. The last
+# argument says whether this process may run uploaded code (confined, or the caller trusts it).
+ModelReader = Callable[[Path, ModelSpec, LoadLimits, bool], nn.Module]
 _READERS: dict[str, ModelReader] = {
     "torchscript": _read_torchscript,
     "state_dict": _read_state_dict,
@@ -210,7 +211,7 @@ def model_readers() -> frozenset[str]:
 # --------------------------------------------------------------- torchscript
 
 
-def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
+def _load_torchscript(path: Path, limits: LoadLimits, *, code_allowed: bool) -> nn.Module:
     # The exact element count needs the archive's pickle; its storage bytes
     # bound it cheaply first (8 bytes per element covers every dtype up to float64).
     with zipfile.ZipFile(path) as archive:
@@ -222,6 +223,10 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
         )
     # The archive's code is read (never run) first: loading runs a module's __setstate__.
     check_torchscript_code(path)
+    # Checked here too, beside the load itself: load_model refuses earlier from the catalogue's
+    # runs_uploaded_code, and this is the one place an upload's program is loaded.
+    if not code_allowed:
+        raise UnsafeModel("an uploaded TorchScript program is loaded only inside a confined job process")
     try:
         with warnings.catch_warnings():
             # torch 2.14 deprecates TorchScript in favour of torch.export; the API still accepts it.
@@ -233,7 +238,7 @@ def _load_torchscript(path: Path, limits: LoadLimits) -> nn.Module:
     check_torchscript(module)
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
-    _check_parameter_budget(sum(tensor.numel() for tensor in tensors.values()), limits, "the TorchScript model")
+    check_parameter_budget(sum(tensor.numel() for tensor in tensors.values()), limits, "the TorchScript model")
     _check_finite(tensors)
     return module.eval()
 
@@ -251,7 +256,7 @@ def _load_state_dict(path: Path, limits: LoadLimits) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises RuntimeError/OSError/EOFError/... on damaged files
         raise InvalidModel(f"the torch.save archive cannot be read: {_first_line(exc)}") from exc
     state_dict = _unwrap_state_dict(loaded)
-    _check_parameter_budget(sum(tensor.numel() for tensor in state_dict.values()), limits, "the state_dict")
+    check_parameter_budget(sum(tensor.numel() for tensor in state_dict.values()), limits, "the state_dict")
     return state_dict
 
 
@@ -300,12 +305,12 @@ def _module_from_state_dict(state_dict: dict[str, torch.Tensor], arch: str, arch
         # A builder that computes on its tensors while initialising (regnet): build for real, check after.
         skeleton = None
     if skeleton is not None:
-        _check_parameter_budget(_element_count(skeleton), limits, f"{arch} with these arch_kwargs")
+        check_parameter_budget(_element_count(skeleton), limits, f"{arch} with these arch_kwargs")
         _check_fit(state_dict, skeleton.state_dict(), arch, arch_kwargs)
         module = _materialise(skeleton) if _all_buffers_persistent(skeleton) else build_architecture(arch, arch_kwargs)
     else:
         module = build_architecture(arch, arch_kwargs)
-        _check_parameter_budget(_element_count(module), limits, f"{arch} with these arch_kwargs")
+        check_parameter_budget(_element_count(module), limits, f"{arch} with these arch_kwargs")
         _check_fit(state_dict, module.state_dict(), arch, arch_kwargs)
     try:
         module.load_state_dict(state_dict, strict=True)
@@ -366,7 +371,7 @@ def _check_fit(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, to
         )
 
 
-def _check_parameter_budget(count: int, limits: LoadLimits, what: str) -> None:
+def check_parameter_budget(count: int, limits: LoadLimits, what: str) -> None:
     if count > limits.max_parameters:
         raise ModelTooLarge(f"{what} has {count:,} parameters, more than the limit of {limits.max_parameters:,}")
 

@@ -34,6 +34,7 @@ from worker.compression.context import RunContext, is_memory_exhaustion
 from worker.compression.data import DatasetLimits, SplitData, load_dataset, split_dataset, synthetic_data
 from worker.compression.export import to_torchscript
 from worker.compression.exporters import Exported, exporters_for
+from worker.compression.exporters.torchscript import quantized_engine
 from worker.compression.loading import LoadedModel, LoadLimits, load_model
 from worker.compression.passes import Segment, build_passes, planned_segments, run_trial
 from worker.compression.progress import ProgressPlan
@@ -198,31 +199,26 @@ def _benchmark(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Latency of the original and the compressed artifact on the CPU, and on the GPU where the job ran there."""
     device = bench.ctx.device
-    engine = trial.quantization["backend"] if trial.quantization is not None else None
-    latency = measure.measure_latency(
-        {"original": original_ts, "compressed": compressed_ts},
-        bench.input_shape,
-        batch_sizes=options.batch_sizes,
-        device="cpu",
-        threads=threads,
-        warmup=options.warmup,
-        runs=options.runs,
-        quantized_engine=engine,
-    )
+
+    def timed(models: dict[str, Any], on: str, engine: str | None = None) -> dict[str, Any]:
+        return measure.measure_latency(
+            models,
+            bench.input_shape,
+            batch_sizes=options.batch_sizes,
+            device=on,
+            threads=threads,
+            warmup=options.warmup,
+            runs=options.runs,
+            quantized_engine=engine,
+        )
+
+    latency = timed({"original": original_ts, "compressed": compressed_ts}, "cpu", quantized_engine(trial))
     cuda_latency: dict[str, Any] = {}
     if device.type == "cuda":
         cuda_models: dict[str, Any] = {"original": bench.original_on(device)}
         if trial.runs_on is None:  # an INT8 deployable runs where its quantizer said: not here
             cuda_models["compressed"] = trial.float_model.to(device).eval()
-        cuda_latency = measure.measure_latency(
-            cuda_models,
-            bench.input_shape,
-            batch_sizes=options.batch_sizes,
-            device="cuda",
-            threads=threads,
-            warmup=options.warmup,
-            runs=options.runs,
-        )
+        cuda_latency = timed(cuda_models, "cuda")
         trial.float_model.to("cpu")
     return latency, cuda_latency
 

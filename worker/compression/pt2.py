@@ -5,11 +5,11 @@
 
 - ``models/<name>.json``: the graph, JSON into dataclasses; no pickle.
 - weights: raw tensor bytes (``torch.as_strided`` over them), or, for payloads flagged
-  ``use_pickle``, ``torch.load(..., weights_only=False)``: arbitrary unpickling;
+  ``use_pickle``, an unrestricted unpickling (the weights-only mode turned off);
 - constants: the same for tensors; ``custom_obj_*`` through ``torch._C._pickle_load_obj``
   (TorchBind objects) and ``opaque_obj_*`` through ``pickle.loads``: arbitrary objects;
-- sample inputs: ``torch.load(weights_only=True)`` that *falls back* to ``weights_only=False``
-  when it fails (torch/_export/serde/serialize.py, ``deserialize_torch_artifact``).
+- sample inputs: ``torch.load(weights_only=True)`` that *falls back* to an unrestricted load when
+  it fails (torch/_export/serde/serialize.py, ``deserialize_torch_artifact``).
 
 This reader does what ``_load_exported_programs`` does with the same torch helpers for the
 safe parts, and replaces every unpickling with ``torch.load(weights_only=True)`` (torch's
@@ -22,10 +22,8 @@ against the allowlist (``graph_check.check_exported_program``) before anything i
 from __future__ import annotations
 
 import io
-import json
 import math
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,6 @@ from torch._export.serde import schema
 from torch._export.serde.serialize import (
     ExportedProgramDeserializer,
     _bytes_to_dataclass,
-    _dict_to_dataclass,
     deserialize_size,
     deserialize_storage_offset,
     deserialize_stride,
@@ -51,19 +48,20 @@ from torch.export.pt2_archive.constants import (
     WEIGHTS_DIR,
 )
 
-from compactor.errors import InvalidModel, ModelTooLarge, UnsafeModel
-from compactor.formats.limits import ArchiveLimits
+from compactor.errors import InvalidModel, UnsafeModel
 from compactor.formats.zip_guard import check_zip_archive, open_zip
 from worker.compression.graph_check import check_exported_program
+from worker.compression.loading import LoadLimits, check_parameter_budget
 
 MODEL_NAME = "model"
 
 
-def load_exported_program(path: Path, *, limits: ArchiveLimits = ArchiveLimits(), max_parameters: int = 2_000_000_000) -> ExportedProgram:
+def load_exported_program(path: Path, limits: LoadLimits | None = None) -> ExportedProgram:
     """The ``ExportedProgram`` a ``torch.export.save`` archive holds, read without arbitrary
     unpickling and with every graph op checked; raises UnsafeModel, InvalidModel or ModelTooLarge."""
-    with open_zip(path, InvalidModel, limits) as archive:
-        check_zip_archive(archive, limits, file_size=path.stat().st_size, single_prefix=True, error=InvalidModel)
+    limits = limits or LoadLimits()
+    with open_zip(path, InvalidModel, limits.archive) as archive:
+        check_zip_archive(archive, limits.archive, file_size=path.stat().st_size, single_prefix=True, error=InvalidModel)
     try:
         reader = pt2_package.PT2ArchiveReader(str(path))
     except (RuntimeError, AssertionError) as error:
@@ -78,7 +76,7 @@ def load_exported_program(path: Path, *, limits: ArchiveLimits = ArchiveLimits()
         constants_config = _payload_config(reader, CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME), names)
     except (KeyError, TypeError, ValueError, AssertionError) as error:
         raise InvalidModel(f"the torch.export archive's program is malformed: {_first_line(error)}") from None
-    _check_parameter_budget(weights_config, max_parameters)
+    check_parameter_budget(_declared_elements(weights_config), limits, "the torch.export archive")
     state_dict = _tensors(reader, weights_config, WEIGHTS_DIR, params=True)
     constants = _constants(reader, constants_config)
     sample_inputs = _restricted_load(reader, SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME), names, "sample inputs")
@@ -100,17 +98,15 @@ def _first_line(error: BaseException) -> str:
 def _payload_config(reader: Any, name: str, names: set[str]) -> schema.PayloadConfig:
     if name not in names:
         raise InvalidModel(f"the torch.export archive has no {name} (a legacy or foreign format)")
-    config: schema.PayloadConfig = _dict_to_dataclass(schema.PayloadConfig, json.loads(reader.read_string(name)))
+    config: schema.PayloadConfig = pt2_package._load_payload_config(reader, name)
     return config
 
 
-def _check_parameter_budget(config: schema.PayloadConfig, max_parameters: int) -> None:
-    total = 0
-    for meta in config.config.values():
-        if meta.tensor_meta is not None:
-            total += math.prod(max(int(size.as_int), 0) for size in meta.tensor_meta.sizes)
-    if total > max_parameters:
-        raise ModelTooLarge(f"the model declares {total} parameters, more than the limit of {max_parameters} (COMPACTOR_MAX_PARAMETERS)")
+def _declared_elements(config: schema.PayloadConfig) -> int:
+    """Elements the weights' descriptions declare, counted before any tensor is built."""
+    return sum(
+        math.prod(max(int(size.as_int), 0) for size in meta.tensor_meta.sizes) for meta in config.config.values() if meta.tensor_meta is not None
+    )
 
 
 def _restricted_load(reader: Any, name: str, names: set[str], what: str) -> Any:
@@ -124,13 +120,13 @@ def _restricted_load(reader: Any, name: str, names: set[str], what: str) -> Any:
             f"the torch.export archive's {what} need more than tensors to load ({_first_line(error)}); "
             "an upload is loaded with torch.load(weights_only=True) only"
         ) from None
-    except Exception as error:  # noqa: BLE001 - a damaged entry fails torch.load in many ways
+    except Exception as error:  # noqa: BLE001 - a damaged entry fails the loader in many ways
         raise InvalidModel(f"the torch.export archive's {what} cannot be read: {_first_line(error)}") from None
 
 
 def _tensors(reader: Any, config: schema.PayloadConfig, base_dir: str, *, params: bool) -> dict[str, torch.Tensor]:
     """Weights (or tensor constants) as torch's own ``_load_state_dict`` builds them, pickled
-    payloads read with the restricted unpickler instead of ``weights_only=False``."""
+    payloads read with the restricted unpickler instead of torch's unrestricted one."""
     try:
         file_map = pt2_package._build_file_map(reader, config, base_dir)
     except (RuntimeError, ValueError, AssertionError, KeyError) as error:
@@ -168,17 +164,3 @@ def _constants(reader: Any, config: schema.PayloadConfig) -> dict[str, torch.Ten
                 "those load through arbitrary unpickling and are not accepted: export a model of tensors and ATen ops"
             )
     return _tensors(reader, config, CONSTANTS_DIR, params=False)
-
-
-def is_pt2_archive(path: Path) -> bool:
-    """A zip whose single top-level folder holds ``models/model.json`` and ``archive_format``."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    prefixes = {name.split("/", 1)[0] for name in names}
-    if len(prefixes) != 1:
-        return False
-    prefix = prefixes.pop()
-    return f"{prefix}/{MODELS_FILENAME_FORMAT.format(MODEL_NAME)}" in names and f"{prefix}/archive_format" in names

@@ -8,7 +8,6 @@ amount; the frame (``pipeline.py``) exports, measures and reports the one it kee
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
 from collections.abc import Iterator
@@ -39,12 +38,8 @@ class Trial:
     deployable: nn.Module
     accuracy: dict[str, float] | None = None
     masks: dict[str, torch.Tensor] | None = None
-    channels: dict[str, dict[str, int]] = field(default_factory=dict)
-    float_layers: list[dict[str, Any]] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
     finetune: list[dict[str, Any]] = field(default_factory=list)
-    # Epochs of the spec's fine-tuning already spent between pruning steps.
-    finetune_epochs_done: int = 0
     # Where the deployable model runs; None: on the job's device. A quantizer sets it.
     runs_on: torch.device | None = None
     # A pass changed the float architecture (channels removed): a state_dict of it fits no builder.
@@ -80,15 +75,16 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def clone(model: nn.Module) -> nn.Module:
+    """An independent copy (its own parameters and buffers) that fine-tuning can optimise."""
     if isinstance(model, torch.jit.ScriptModule):
-        # A deep copy of a ScriptModule has non-leaf parameters (fine-tuning cannot optimise them),
-        # so it is serialized and reloaded: no new code, the same program this process already
-        # loaded — inside the confined child when it is an upload's (loading.load_model).
-        buffer = io.BytesIO()
-        torch.jit.save(model, buffer)
-        buffer.seek(0)
-        loaded: nn.Module = torch.jit.load(buffer, map_location="cpu")
-        return loaded
+        # Deep-copying a ScriptModule with autograd on yields non-leaf parameters, which no
+        # optimiser accepts; copied without it they are leaves, then regain requires_grad.
+        with torch.no_grad():
+            copied = copy.deepcopy(model)
+        wanted = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+        for name, parameter in copied.named_parameters():
+            parameter.requires_grad_(wanted[name])
+        return copied
     return copy.deepcopy(model)
 
 
@@ -103,7 +99,6 @@ class Workbench:
         self.clock = clock
         # The caller's model stays untouched on the CPU; GPU work uses a copy.
         self.original = model.eval()
-        self.scripted = isinstance(model, torch.jit.ScriptModule)
         self._original_on_device: nn.Module | None = None
         self.batch_size = spec.data.batch_size
         self.example = data.val.inputs[:1].clone() if len(data.val.inputs) else data.train.inputs[:1].clone()

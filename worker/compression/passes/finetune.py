@@ -33,7 +33,6 @@ def finetune_for(trial: Trial, bench: Workbench, spec: FinetuneSpec, epochs: int
             epochs=epochs,
         )
         trial.finetune.append(summary.__dict__)
-        trial.finetune_epochs_done += epochs
         bench.refresh_batchnorm(model)
 
 
