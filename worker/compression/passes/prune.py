@@ -83,11 +83,8 @@ class PrunePass:
         model = trial.float_model
         # Each round removes the same share of what is left, reaching `amount` after the last.
         round_amount = 1.0 - (1.0 - prune.amount) ** (1.0 / prune.steps)
-        report = prune_channels(model, bench.example.to(ctx.device), scores, round_amount, prune.scope, prune.exclude, ctx)
+        prune_channels(model, bench.example.to(ctx.device), scores, round_amount, prune.scope, prune.exclude, ctx)
         trial.architecture_changed = True
-        for name, counts in report.channels.items():
-            first = trial.channels.setdefault(name, dict(counts))
-            first["after"] = counts["after"]
         if not bench.data.synthetic:
             recalibrate_batchnorm(model, bench.train_batches(ctx.device), ctx)
         else:

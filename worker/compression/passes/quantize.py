@@ -34,7 +34,6 @@ class QuantizePass:
             )
         trial.deployable = result.model
         trial.runs_on = result.runs_on
-        trial.float_layers = result.float_layers
         trial.quantization = {
             "mode": result.mode,
             "backend": result.backend,
