@@ -55,9 +55,6 @@ class ModelFormatFacts:
     name: str
     # The file holds weights only: the architecture comes from ``spec.model.arch``.
     needs_arch: bool
-    # The architecture is a compiled program Compactor cannot rebuild, so no stage may change
-    # its structure (channel pruning); weights can still change in place.
-    opaque_architecture: bool
     # Loading or calling it runs code from the upload: only inside a confined child process.
     runs_uploaded_code: bool
     summary: str
@@ -111,28 +108,24 @@ MODEL_FORMATS: Mapping[str, ModelFormatFacts] = _index(
     ModelFormatFacts(
         "torchscript",
         needs_arch=False,
-        opaque_architecture=True,
         runs_uploaded_code=True,
-        summary="a torch.jit.save archive: a program, checked op by op and run only confined",
+        summary="a torch.jit.save archive: a program, checked op by op, run only confined and converted to a graph",
     ),
     ModelFormatFacts(
         "state_dict",
         needs_arch=True,
-        opaque_architecture=False,
         runs_uploaded_code=False,
         summary="a torch.save state_dict, loaded with weights_only=True into spec.model.arch",
     ),
     ModelFormatFacts(
         "safetensors",
         needs_arch=True,
-        opaque_architecture=False,
         runs_uploaded_code=False,
         summary="a .safetensors file of weights, loaded into spec.model.arch",
     ),
     ModelFormatFacts(
         "pt2",
         needs_arch=False,
-        opaque_architecture=False,
         # Data, not a program: read with torch.load(weights_only=True) only, every op of its
         # graph allowlisted before anything runs (worker/compression/pt2.py).
         runs_uploaded_code=False,
@@ -168,6 +161,12 @@ EXPORTERS: Mapping[str, ExporterFacts] = _index(
         artifact="model.pt",
         needs_original_architecture=True,
         summary="the float weights for the user's own builder, when the architecture did not change",
+    ),
+    ExporterFacts(
+        "pt2",
+        artifact="model.pt2",
+        needs_original_architecture=False,
+        summary="the compressed float model as a torch.export program, loadable with torch.export.load alone",
     ),
 )
 

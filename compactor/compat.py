@@ -45,9 +45,9 @@ def check_compatibility(model_format: str | None, spec: JobSpec, dataset: Datase
             field="model.arch",
         )
 
+    # Every format can lose channels: TorchScript is converted into a graph in the worker, and a
+    # program the converter cannot express fails there (its reason is only known after loading).
     prune = spec.prune
-    if prune is not None and prune.granularity == "channel" and facts is not None and facts.opaque_architecture:
-        raise UnsupportedCombination(channel_pruning_refused(model_format), field="prune.granularity")
 
     if spec.target is not None and (dataset is None or not dataset.has_targets):
         why = "no dataset was given" if dataset is None else "the dataset has no 'targets'"
@@ -74,10 +74,10 @@ def check_compatibility(model_format: str | None, spec: JobSpec, dataset: Datase
 
 
 def channel_pruning_refused(model_format: str | None) -> str:
-    """Why a model whose architecture is a compiled program cannot lose channels, and what can."""
-    what = f"a {model_format} upload" if model_format else "a compiled (TorchScript) model"
+    """Why a model still held as a compiled program cannot lose channels, and what can."""
+    what = f"a {model_format} model" if model_format else "a compiled (TorchScript) model"
     return (
-        f"channel pruning rebuilds the architecture, which {what} cannot do: use "
-        "prune.granularity 'unstructured' with this upload, or upload a state_dict (or .safetensors) "
+        f"channel pruning rebuilds the architecture, which {what} not converted into a graph cannot do: use "
+        "prune.granularity 'unstructured', or pass the module itself, a torch.export program (.pt2) or a state_dict "
         "with spec.model.arch to prune whole channels"
     )

@@ -118,6 +118,7 @@ ALLOWED_OPS: frozenset[str] = frozenset(
         "aten::is_leaf",
         "aten::is_inference",
         "aten::item",
+        "aten::_local_scalar_dense",  # what .item() is in an exported graph
         "aten::result_type",
         "aten::promote_types",
         "aten::get_device",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -35,8 +36,10 @@ def _spec(**sections) -> JobSpec:
 
 
 def _load_in_fresh_process(path: Path, shape: list[int]) -> list[int]:
-    """Load model.ts with plain torch in a new interpreter (no Compactor import) and run it."""
-    code = f"import sys, torch\nm = torch.jit.load({str(path)!r})\nprint(list(m(torch.randn({shape})).shape))\n"
+    """Load model.ts (torch.jit.load) or model.pt2 (torch.export.load) with plain torch in a new
+    interpreter (no Compactor import) and run it."""
+    load = f"torch.export.load({str(path)!r}).module()" if path.suffix == ".pt2" else f"torch.jit.load({str(path)!r})"
+    code = f"import sys, torch\nm = {load}\nprint(list(m(torch.randn({shape})).shape))\n"
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,10 +81,14 @@ def test_channel_prune_finetune_int8_keeps_accuracy_and_shrinks(tiny_cnn, digits
     assert head["channels_after"] == head["channels_before"] == 10
     assert metrics["quantization"]["mode"] == "static"
     assert metrics["environment"]["cpu_threads"] >= 1
-    # artifacts on disk: model.ts and report.json; no model.pt since the architecture changed
-    assert set(result.artifacts) == {"model.ts", "report.json"}
+    # artifacts on disk: model.ts, model.pt2 and report.json; no model.pt since the architecture changed
+    assert set(result.artifacts) == {"model.ts", "model.pt2", "report.json"}
     assert json.loads((tmp_path / "report.json").read_text())["ratios"] == metrics["ratios"]
     assert _load_in_fresh_process(tmp_path / "model.ts", [3, 1, 8, 8]) == [3, 10]
+    # model.pt2 is the float compressed model (torch.export cannot carry torch.ao's INT8 weights), and says so.
+    assert metrics["artifact_checks"]["model.pt2"]["ok"] and metrics["artifact_checks"]["model.pt2"]["int8"] is False
+    assert any("model.pt2 holds the float compressed model" in warning for warning in metrics["warnings"])
+    assert _load_in_fresh_process(tmp_path / "model.pt2", [5, 1, 8, 8]) == [5, 10]
 
 
 def test_unstructured_iterative_prune_keeps_sparsity_and_says_it_does_not_shrink(tiny_cnn, digits_split, tmp_path) -> None:
@@ -166,12 +173,42 @@ def test_torchscript_upload_unstructured_and_static_int8(tiny_cnn, digits_split,
     assert result.metrics["environment"]["model_format"] == "torchscript"
 
 
-def test_channel_pruning_of_a_torchscript_upload_is_refused(tiny_cnn, digits_split, tmp_path) -> None:
+@pytest.mark.parametrize("compile_with", ["trace", "script"])
+def test_a_torchscript_upload_becomes_a_graph_and_loses_channels_like_the_module(tiny_cnn, digits_split, tmp_path, compile_with) -> None:
+    example = digits_split.train.inputs[:2]
+    program = torch.jit.trace(tiny_cnn, example) if compile_with == "trace" else torch.jit.script(tiny_cnn)
     path = tmp_path / "tiny.ts"
-    torch.jit.save(torch.jit.script(tiny_cnn), path)
+    torch.jit.save(program, path)
+    spec = _spec(prune={"granularity": "channel", "amount": 0.5})
+    result = compress(load_model(path, JobSpec().model, trusted_code=True), spec, digits_split, out_dir=tmp_path / "out", benchmark=QUICK)
+    by_module = compress(copy.deepcopy(tiny_cnn), spec, digits_split, benchmark=QUICK)
+    metrics = result.metrics
+    assert metrics["ratios"]["macs"] == pytest.approx(by_module.metrics["ratios"]["macs"], abs=0.02)
+    assert metrics["ratios"]["macs"] < 0.4 and metrics["ratios"]["size"] < 0.4
+    structure = metrics["environment"]["structure"]
+    assert structure["converted_from"] == "torchscript" and structure["graph"] == "torch.export"
+    assert structure["layers_rebuilt"] == 7 and structure["calls_left"] == []
+    # The layer table keeps the upload's own names.
+    assert {row["name"] for row in metrics["layers"]} == {row["name"] for row in by_module.metrics["layers"]}
+    assert _load_in_fresh_process(tmp_path / "out" / "model.ts", [3, 1, 8, 8]) == [3, 10]
+
+
+def test_a_torchscript_program_the_converter_cannot_express_says_so(digits_split, tmp_path) -> None:
+    from tests.support.architectures import DataDependentLoop
+
+    path = tmp_path / "loop.ts"
+    torch.jit.save(torch.jit.script(DataDependentLoop().eval()), path)
     with pytest.raises(CompactorError) as info:
         compress(load_model(path, JobSpec().model, trusted_code=True), _spec(prune={"granularity": "channel"}), digits_split)
     assert info.value.code == "unsupported_combination" and info.value.field == "prune.granularity"
+    assert "prim::Loop" in str(info.value) and "unstructured" in str(info.value)
+    # Without channels it is compressed as the program it is, and the report says why.
+    spec = _spec(prune={"granularity": "unstructured", "amount": 0.5})
+    metrics = compress(load_model(path, JobSpec().model, trusted_code=True), spec, digits_split, benchmark=QUICK).metrics
+    assert metrics["environment"]["structure"]["graph"] is None
+    assert "prim::Loop" in metrics["environment"]["structure"]["conversion_failed"]
+    assert any("could not be converted" in note and "prim::Loop" in note for note in metrics["notes"])
+    assert metrics["ratios"]["nonzero_params"] < 0.6
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11", "mobilenet_v3_small"])

@@ -20,8 +20,9 @@ from torch import nn
 
 from compactor.errors import InvalidModel, ModelTooLarge, UnsafeModel
 from compactor.formats import detect_model_format
+from compactor.spec import ModelSpec
 from tests.support.models import TinyCNN
-from worker.compression.loading import LoadLimits
+from worker.compression.loading import LoadLimits, load_model
 from worker.compression.pt2 import load_exported_program
 
 
@@ -164,3 +165,18 @@ def test_a_pt2_upload_is_channel_pruned_and_quantized_like_the_module(tiny_cnn, 
     assert metrics["ratios"]["macs"] == pytest.approx(by_module.metrics["ratios"]["macs"], abs=0.02)
     assert metrics["compressed"]["accuracy"]["top1"] >= by_module.metrics["compressed"]["accuracy"]["top1"] - 0.05
     assert (tmp_path / "out" / "model.ts").is_file()
+
+
+def test_a_program_with_data_dependent_control_flow_is_refused_clearly(tmp_path: Path) -> None:
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(x.sum() > 0, lambda t: self.head(t), lambda t: self.head(-t), (x,))
+
+    path = tmp_path / "cond.pt2"
+    torch.export.save(torch.export.export(Branches().eval(), (torch.randn(2, 4),)), path)
+    with pytest.raises(InvalidModel, match=r"control flow \(torch\.ops\.higher_order\.cond"):
+        load_model(path, ModelSpec())

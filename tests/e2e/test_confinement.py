@@ -56,8 +56,16 @@ def _scripted_bytes(module: torch.jit.ScriptModule) -> bytes:
     return buffer.getvalue()
 
 
-def _submit(serve: Serve, model: bytes):
-    return serve.client.post("/v1/jobs", files={"model": ("model.ts", model), "spec": (None, json.dumps(QUICK_SPEC))})
+def _submit(serve: Serve, model: bytes, spec: dict | None = None):
+    return serve.client.post("/v1/jobs", files={"model": ("model.ts", model), "spec": (None, json.dumps(spec or QUICK_SPEC))})
+
+
+def _finished(serve: Serve, job_id: str) -> dict:
+    def finished() -> dict | None:
+        job = serve.client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(finished, 180, f"job {job_id} to finish", interval=0.2)
 
 
 def test_hostile_programs_are_refused_at_submission_and_touch_nothing(serve: Serve, tmp_path: Path) -> None:
@@ -100,3 +108,32 @@ def test_a_scripted_custom_model_with_control_flow_still_compresses(serve: Serve
     job = wait_for(finished, 120, f"job {job_id} to finish", interval=0.2)
     assert job["status"] == "succeeded", job
     assert {artifact["name"] for artifact in job["artifacts"]} >= {"model.ts", "report.json"}
+
+
+def test_a_torchscript_upload_loses_channels_as_a_graph_converted_in_the_confined_child(serve: Serve) -> None:
+    """Traced and scripted custom residual networks: converted to checked ATen graphs inside the
+    job's confined child, then channel-pruned; a program the converter cannot express fails
+    unsupported_combination naming the construct."""
+    from tests.support.architectures import DataDependentLoop, build_custom
+
+    channels = {"model": {"input_shape": [1, 1, 8, 8]}, "prune": {"granularity": "channel", "amount": 0.5}}
+    model = build_custom("residual_add")
+    uploads = {
+        "traced": _scripted_bytes(torch.jit.trace(model, torch.randn(2, 1, 8, 8))),
+        "scripted": _scripted_bytes(torch.jit.script(model)),
+        "loop": _scripted_bytes(torch.jit.script(DataDependentLoop().eval())),
+    }
+    submitted = {}
+    for name, upload in uploads.items():
+        response = _submit(serve, upload, channels)
+        assert response.status_code == 202, response.text  # the gateway cannot know; the worker converts
+        submitted[name] = response.json()["id"]
+    for name in ("traced", "scripted"):
+        job = _finished(serve, submitted[name])
+        assert job["status"] == "succeeded", job
+        report = serve.client.get(f"/v1/jobs/{submitted[name]}/artifacts/report.json").json()
+        assert report["environment"]["structure"]["converted_from"] == "torchscript"
+        assert report["ratios"]["macs"] < 0.45 and report["ratios"]["params"] < 0.45
+    failed = _finished(serve, submitted["loop"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unsupported_combination", failed
+    assert "prim::Loop" in failed["error"]["message"] and "unstructured" in failed["error"]["message"]

@@ -116,7 +116,6 @@ async def test_invalid_spec_reports_field_locations_and_keeps_nothing(client, fi
 @pytest.mark.parametrize(
     ("model", "spec", "dataset", "code", "field"),
     [
-        ("torchscript", {"prune": {"granularity": "channel"}}, None, "unsupported_combination", "prune.granularity"),
         ("state_dict", {"quantize": {"mode": "dynamic"}}, None, "invalid_spec", "model.arch"),
         ("torchscript", {"prune": {"granularity": "unstructured", "criterion": "gradient"}}, None, "unsupported_combination", "prune.criterion"),
         ("torchscript", {"finetune": {"epochs": 1}}, None, "unsupported_combination", "finetune"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import os
 import tempfile
 import warnings
@@ -43,6 +44,20 @@ class SavedFile:
     path: Path
     size_bytes: int
     sha256: str
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """torch.export and its TorchScript converter without their warnings and per-dimension WARNING logs."""
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            export_log.setLevel(level)
 
 
 @contextlib.contextmanager

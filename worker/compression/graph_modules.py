@@ -9,20 +9,41 @@ very same ``Parameter`` objects and buffers, installed at the name the export re
 (``features.0``), so ``exclude`` patterns and the report's layer table keep the original names.
 Nothing is copied or recomputed: outputs stay bit-identical (``tests/compression/test_graph_modules.py``).
 
-Calls it cannot map exactly (a weight computed in the graph, an unknown keyword, a transposed or
-3-d convolution for now) stay as they are; their layers are then simply not prunable.
+Mapped: ``aten.conv{1,2,3}d`` and ``aten.convolution`` (transposed too, as tracing records it),
+``aten.linear``, ``aten.batch_norm``, ``aten.layer_norm`` and ``aten.group_norm``. Calls it
+cannot map exactly (a weight computed in the graph, an unknown keyword, string padding) stay as
+they are; their layers are then simply not prunable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-_CONV = torch.ops.aten.conv2d.default
+_CONVOLUTION = torch.ops.aten.convolution.default
+_CONV_ND = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
+# (input, weight, bias, stride, padding, output_padding, groups, dilation): another order than conv's.
+_CONV_TRANSPOSE_ND = {
+    torch.ops.aten.conv_transpose1d.default: 1,
+    torch.ops.aten.conv_transpose2d.input: 2,
+    torch.ops.aten.conv_transpose3d.input: 3,
+}
 _LINEAR = torch.ops.aten.linear.default
 _BATCH_NORM = torch.ops.aten.batch_norm.default
+_LAYER_NORM = torch.ops.aten.layer_norm.default
+_GROUP_NORM = torch.ops.aten.group_norm.default
+_REBUILT_KEY = "compactor.rebuilt_layers"
+_CONV_TYPES: dict[tuple[int, bool], type[nn.modules.conv._ConvNd]] = {
+    (1, False): nn.Conv1d,
+    (2, False): nn.Conv2d,
+    (3, False): nn.Conv3d,
+    (1, True): nn.ConvTranspose1d,
+    (2, True): nn.ConvTranspose2d,
+    (3, True): nn.ConvTranspose3d,
+}
 
 
 @dataclass
@@ -40,7 +61,11 @@ def _owner(graph_module: fx.GraphModule, node: fx.Node | None, leaf: str) -> tup
     path, _, name = node.target.rpartition(".")
     if name != leaf:
         return None
-    tensor = graph_module.get_parameter(node.target) if leaf in ("weight", "bias") else graph_module.get_buffer(node.target)
+    # A converted TorchScript program may hold a weight as a buffer: it becomes a parameter of
+    # the rebuilt layer (same storage), which is what a layer's weight is.
+    tensor = getattr(graph_module.get_submodule(path) if path else graph_module, name, None)
+    if not isinstance(tensor, torch.Tensor):
+        return None
     return path, tensor
 
 
@@ -52,8 +77,9 @@ def _install(graph_module: fx.GraphModule, path: str, layer: nn.Module) -> bool:
     existing = getattr(parent, name, None)
     if not isinstance(existing, nn.Module) or any(True for _ in existing.children()):
         return False  # a real module with children is not a bare parameter holder
+    owned = {name for name, _ in layer.named_parameters(recurse=False)} | {name for name, _ in layer.named_buffers(recurse=False)}
     for key, value in existing.__dict__.get("_buffers", {}).items():
-        if key not in dict(layer.named_buffers(recurse=False)) and value is not None:
+        if key not in owned and value is not None:
             layer.register_buffer(key, value)
     setattr(parent, name, layer)
     return True
@@ -80,26 +106,35 @@ def _adopt(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _conv(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | str:
+    """``aten.conv{1,2,3}d`` and ``aten.conv_transpose{1,2,3}d`` (what torch.export and scripting
+    record) and ``aten.convolution`` (what tracing records, transposed or not) as the nn.Conv*/ConvTranspose* that makes the same call."""
     found = _weight_and_bias(graph_module, node)
     if isinstance(found, str):
         return found
     path, w, bias = found
-    stride, padding, dilation, groups = (list(node.args[3:7]) + [None] * 4)[:4]
-    if w.dim() != 4 or isinstance(padding, str):
-        return "a form this rebuild does not map exactly (string padding or not 2-d)"
-    out_channels, in_per_group, kh, kw = w.shape
+    if node.target == _CONVOLUTION:
+        stride, padding, dilation, transposed, output_padding, groups = (list(node.args[3:9]) + [None] * 6)[:6]
+    elif node.target in _CONV_TRANSPOSE_ND:
+        stride, padding, output_padding, groups, dilation = (list(node.args[3:8]) + [None] * 5)[:5]
+        transposed = True
+    else:
+        stride, padding, dilation, groups = (list(node.args[3:7]) + [None] * 4)[:4]
+        transposed, output_padding = False, None
+    dims = w.dim() - 2
+    kind = _CONV_TYPES.get((dims, bool(transposed)))
+    if kind is None or isinstance(padding, str):
+        return "a form this rebuild does not map exactly (string padding, or not 1-, 2- or 3-d)"
     groups = int(groups) if groups is not None else 1
-    layer = nn.Conv2d(
-        in_per_group * groups,
-        out_channels,
-        (kh, kw),
-        stride=tuple(stride) if stride is not None else 1,
-        padding=tuple(padding) if padding is not None else 0,
-        dilation=tuple(dilation) if dilation is not None else 1,
-        groups=groups,
-        bias=bias is not None,
-        device="meta",
-    )
+    # Transposed weights are [in, out/groups, *kernel]; the others [out, in/groups, *kernel].
+    in_channels, out_channels = (w.shape[0], w.shape[1] * groups) if transposed else (w.shape[1] * groups, w.shape[0])
+    options: dict[str, object] = {
+        "stride": tuple(stride) if stride is not None else 1,
+        "padding": tuple(padding) if padding is not None else 0,
+        "dilation": tuple(dilation) if dilation is not None else 1,
+    }
+    if transposed:
+        options["output_padding"] = tuple(output_padding) if output_padding is not None else 0
+    layer = kind(in_channels, out_channels, tuple(w.shape[2:]), groups=groups, bias=bias is not None, device="meta", **options)  # type: ignore[arg-type]
     _adopt(layer, w, bias)
     return path, layer
 
@@ -144,11 +179,50 @@ def _batch_norm(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Mo
     return path, layer.eval()
 
 
-_BUILDERS = {_CONV: _conv, _LINEAR: _linear, _BATCH_NORM: _batch_norm}
+def _affine_norm(graph_module: fx.GraphModule, node: fx.Node, weight_at: int) -> tuple[str, torch.Tensor, torch.Tensor] | str:
+    weight = _owner(graph_module, node.args[weight_at] if len(node.args) > weight_at else None, "weight")
+    bias = _owner(graph_module, node.args[weight_at + 1] if len(node.args) > weight_at + 1 else None, "bias")
+    if node.kwargs or weight is None or bias is None or weight[0] != bias[0]:
+        return "its scale and shift are not one layer's own parameters"
+    return weight[0], weight[1], bias[1]
+
+
+def _layer_norm(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | str:
+    return _norm(graph_module, node, lambda weight: nn.LayerNorm(list(node.args[1]), eps=_eps(node), device="meta"))  # type: ignore[arg-type]
+
+
+def _group_norm(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | str:
+    return _norm(graph_module, node, lambda weight: nn.GroupNorm(int(node.args[1]), weight.shape[0], eps=_eps(node), device="meta"))  # type: ignore[arg-type]
+
+
+def _eps(node: fx.Node) -> float:
+    return float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
+
+
+def _norm(graph_module: fx.GraphModule, node: fx.Node, build: Callable[[torch.Tensor], nn.Module]) -> tuple[str, nn.Module] | str:
+    """layer_norm(input, shape, weight, bias, eps, ...) and group_norm(input, groups, weight, bias, eps, ...)."""
+    found = _affine_norm(graph_module, node, 2)
+    if isinstance(found, str):
+        return found
+    path, weight, bias = found
+    layer = build(weight)
+    _adopt(layer, weight, bias)
+    return path, layer
+
+
+_BUILDERS = {
+    _CONVOLUTION: _conv,
+    **dict.fromkeys(_CONV_ND, _conv),
+    **dict.fromkeys(_CONV_TRANSPOSE_ND, _conv),
+    _LINEAR: _linear,
+    _BATCH_NORM: _batch_norm,
+    _LAYER_NORM: _layer_norm,
+    _GROUP_NORM: _group_norm,
+}
 
 
 def rebuild_layer_modules(graph_module: fx.GraphModule) -> Rebuilt:
-    """Every mappable conv2d / linear / batch_norm call replaced by its real module (the graph is
+    """Every mappable convolution / linear / norm call replaced by its real module (the graph is
     edited in place; ``Rebuilt.module`` is a plain GraphModule over it, in eval mode)."""
     result = Rebuilt(module=graph_module)
     graph = graph_module.graph
@@ -176,4 +250,124 @@ def rebuild_layer_modules(graph_module: fx.GraphModule) -> Rebuilt:
     # A plain GraphModule over the same submodules and graph: the one ExportedProgram.module()
     # returns refuses train()/eval(), which fine-tuning and every evaluation call.
     result.module = fx.GraphModule(graph_module, graph).eval()
+    fold_static_shapes(result.module)
+    # Travels with the module (GraphModule copies keep ``meta``) so the report can say what was rebuilt.
+    result.module.meta[_REBUILT_KEY] = {"layers_rebuilt": len(result.layers), "calls_left": [f"{name}: {why}" for name, why in result.left]}
     return result
+
+
+def rebuilt_layers(module: object) -> dict[str, object] | None:
+    """What ``rebuild_layer_modules`` did to ``module`` (layers rebuilt, calls left and why), or None
+    for a module it did not make."""
+    meta = getattr(module, "meta", None) if isinstance(module, fx.GraphModule) else None
+    found = meta.get(_REBUILT_KEY) if isinstance(meta, dict) else None
+    return dict(found) if isinstance(found, dict) else None
+
+
+def control_flow(graph_module: fx.GraphModule) -> list[str]:
+    """The higher-order ops (``torch.cond``, ``while_loop``, ``map``) a graph calls, as ``name (node)``.
+
+    A graph that has them computes correctly, but neither TorchScript tracing nor scripting can
+    compile it, so it cannot become ``model.ts``."""
+    found = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            found.append(f"torch.ops.higher_order.{node.target.__name__} ({node.name})")
+    return found
+
+
+# Shape queries whose answer torch.export recorded as a plain number (not a SymInt) are constants.
+_SHAPE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.dim.default, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
+_ASSERT_SCALAR = torch.ops.aten._assert_scalar.default
+_MAX_FOLDED_ELEMENTS = 64
+_SIZED_METHODS = {torch.ops.aten.reshape.default: "reshape", torch.ops.aten.view.default: "view", torch.ops.aten.expand.default: "expand"}
+
+
+def _seeded(target: object) -> bool:
+    """Random ops (``randn``, ``dropout``): evaluating them once would freeze one draw."""
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def fold_static_shapes(graph_module: fx.GraphModule) -> int:
+    """Evaluate once what only depends on static sizes, and read the batch size so that
+    TorchScript tracing keeps it dynamic; returns how many nodes were folded.
+
+    A traced TorchScript program computes with the sizes it saw as tensors (``scalar_tensor``,
+    ``floor_divide``, ``.item()``): an attention block's ``(channels // heads) ** -0.5``, for
+    instance. After conversion those are graph nodes that TorchScript export cannot trace again;
+    their values are known (the channel count is not the batch), so they become constants, as
+    torch.export itself records them for an ``nn.Module``. Anything touching a dynamic size stays.
+    """
+    graph = graph_module.graph
+    values: dict[fx.Node, object] = {}
+    dynamic_sizes: list[fx.Node] = []
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(node.target, str):
+            # Lifted constants (a traced program's `heads` as a tensor), never a layer's weights.
+            held = getattr(graph_module, node.target, None) if "." not in node.target else None
+            if isinstance(held, torch.Tensor) and not isinstance(held, nn.Parameter) and held.numel() <= _MAX_FOLDED_ELEMENTS:
+                values[node] = held
+            continue
+        if node.op != "call_function" or node.target is _ASSERT_SCALAR:
+            continue
+        if node.target in _SHAPE_QUERIES:
+            known = node.meta.get("val")
+            if isinstance(known, (int, bool)):
+                values[node] = known
+            elif node.target is torch.ops.aten.sym_size.int:
+                dynamic_sizes.append(node)
+            continue
+        if any(arg not in values for arg in node.all_input_nodes) or _seeded(node.target):
+            continue
+        args, kwargs = fx.map_arg((node.args, node.kwargs), lambda arg: values[arg])  # type: ignore[index]
+        try:
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+        except Exception:  # noqa: BLE001 - not foldable here: it stays in the graph
+            continue
+    folded = 0
+    for node, value in values.items():
+        outside = [user for user in node.users if user not in values]
+        if not outside:
+            continue
+        if isinstance(value, torch.Tensor):
+            name = f"_folded_{node.name}"
+            graph_module.register_buffer(name, value.detach().clone())
+            with graph.inserting_before(node):
+                constant = graph.get_attr(name)
+            node.replace_all_uses_with(constant, delete_user_cb=lambda user: user not in values)
+        elif isinstance(value, (int, float, bool)):
+            for user in outside:
+                user.args, user.kwargs = fx.map_arg((user.args, user.kwargs), lambda arg, n=node, v=value: v if arg is n else arg)  # type: ignore[misc]
+        else:
+            continue
+        folded += 1
+    # torch.export's runtime checks of its own shape assumptions: TorchScript tracing hands them
+    # tensors where they take numbers, and a shape that breaks an assumption fails in the op anyway.
+    for node in list(graph.nodes):
+        if node.target is _ASSERT_SCALAR:
+            graph.erase_node(node)
+    # The batch size read as `x.size(0)`, not `aten.sym_size`: TorchScript's tracer records the
+    # former as a computation, the latter as the number it saw (a model.ts fixed to one batch size).
+    # Likewise the ops that take such sizes go through the Tensor method (`t.reshape(n, ...)`),
+    # which the tracer records with the size as a value, not through the op, which reads a number.
+    for node in dynamic_sizes:
+        with graph.inserting_before(node):
+            size = graph.call_method("size", node.args, node.kwargs)
+        size.meta = dict(node.meta)
+        node.replace_all_uses_with(size)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        method = _SIZED_METHODS.get(node.target) if node.op == "call_function" else None
+        if method is None or node.kwargs or len(node.args) != 2 or not any(isinstance(arg, fx.Node) for arg in node.args[1]):  # type: ignore[union-attr]
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_method(method, (node.args[0], *node.args[1]))  # type: ignore[misc]
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+    return folded

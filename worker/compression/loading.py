@@ -186,11 +186,19 @@ def _read_torchscript(path: Path, model_spec: ModelSpec, limits: LoadLimits, cod
 
 
 def _read_pt2(path: Path, model_spec: ModelSpec, limits: LoadLimits, code_allowed: bool) -> nn.Module:
-    from worker.compression.graph_modules import rebuild_layer_modules
+    from worker.compression.graph_modules import control_flow, rebuild_layer_modules
     from worker.compression.pt2 import load_exported_program
 
     program = load_exported_program(path, limits)
-    return rebuild_layer_modules(program.module()).module
+    flow = control_flow(program.graph_module)
+    if flow:
+        raise InvalidModel(
+            f"the exported program uses data-dependent control flow ({', '.join(flow)}), which Compactor cannot yet compile "
+            "into its TorchScript artifact: export the model without torch.cond/while_loop (or upload it as a state_dict)"
+        )
+    # No guard function in the graph: it checks input shapes with Python ints, and the module is
+    # traced again with tensors (TorchScript export, Torch-Pruning); compress() checks the input itself.
+    return rebuild_layer_modules(program.module(check_guards=False)).module
 
 
 # One reader per format of the catalogue (compactor.catalogue.MODEL_FORMATS), same names. The last

@@ -25,7 +25,7 @@ from torch import nn
 
 from compactor.catalogue import REPORT_ARTIFACT, stage_weight
 from compactor.compat import DatasetFacts, check_compatibility
-from compactor.errors import InvalidModel, InvalidSpec
+from compactor.errors import InvalidModel, InvalidSpec, UnsupportedCombination
 from compactor.jobs import Stage
 from compactor.limits import Limits
 from compactor.spec import JobSpec
@@ -35,6 +35,8 @@ from worker.compression.data import DatasetLimits, SplitData, load_dataset, spli
 from worker.compression.export import to_torchscript
 from worker.compression.exporters import Exported, exporters_for
 from worker.compression.exporters.torchscript import quantized_engine
+from worker.compression.graph_convert import GraphConversionFailed, torchscript_to_graph
+from worker.compression.graph_modules import rebuilt_layers
 from worker.compression.loading import LoadedModel, LoadLimits, load_model
 from worker.compression.passes import Segment, build_passes, planned_segments, run_trial
 from worker.compression.progress import ProgressPlan
@@ -80,6 +82,32 @@ def _output_check(model: nn.Module, example: torch.Tensor) -> int:
     return int(output.shape[1])
 
 
+def _as_graph(module: nn.Module, spec: JobSpec, data: SplitData) -> tuple[nn.Module, dict[str, Any] | None, list[str]]:
+    """A TorchScript module as an allowlisted ATen graph with real layers (``graph_convert``), or
+    the module as it is with the reason; the structure block of the report either way."""
+    rebuilt = rebuilt_layers(module)
+    if rebuilt is not None:  # a .pt2 upload: already a graph
+        return module, {"graph": "torch.export", **rebuilt}, []
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module, None, []
+    source = data.train.inputs if len(data.train.inputs) >= 2 else data.val.inputs
+    try:
+        converted = torchscript_to_graph(module, source[:2].clone())
+    except GraphConversionFailed as failure:
+        if spec.prune is not None and spec.prune.granularity == "channel":
+            raise UnsupportedCombination(
+                f"channel pruning works on the model's graph, and this TorchScript program could not be converted into one ({failure}): "
+                "use prune.granularity 'unstructured', or upload the model as a torch.export archive (.pt2) or a state_dict with model.arch",
+                field="prune.granularity",
+            ) from None
+        note = (
+            f"The TorchScript program could not be converted into an ATen graph ({failure}), so its architecture "
+            "stays as compiled: channel pruning is not possible on it; unstructured pruning and quantization are."
+        )
+        return module, {"graph": None, "converted_from": "torchscript", "conversion_failed": str(failure)}, [note]
+    return converted.module, {"graph": "torch.export", "converted_from": "torchscript", **(rebuilt_layers(converted.module) or {})}, []
+
+
 def _progress_plan(spec: JobSpec, has_data: bool) -> list[Segment]:
     if spec.target is not None:
         per_trial = trial_segments(spec, has_data=has_data) * spec.target.max_trials
@@ -110,11 +138,15 @@ def compress(
     scripted = isinstance(module, torch.jit.ScriptModule)
     if data is None:
         data = synthetic_data(spec.model.input_shape, num_samples=SYNTHETIC_SAMPLES, seed=spec.data.seed)
+    started = time.perf_counter()
+    module, structure, structure_notes = _as_graph(module, spec, data)
     has_data = not data.synthetic
     benchmark = benchmark or BenchmarkOptions()
     clock = StageClock()
     if stage_seconds:
         clock.seconds.update(stage_seconds)
+    if scripted:
+        clock.seconds[Stage.load] = clock.seconds.get(Stage.load, 0.0) + time.perf_counter() - started
     plan = ProgressPlan(_progress_plan(spec, has_data), progress)
     ctx = RunContext(device=resolve_device(spec.device), progress=plan.report, should_cancel=should_cancel or (lambda: False))
     # The gateway's own check, on what is known here: one set of rules for the service and notebooks.
@@ -153,7 +185,8 @@ def compress(
         exported: dict[str, Exported] = {}
         for exporter in exporters_for(trial):
             result = exporter.export(trial, bench, work_dir)
-            exported[result.artifact] = result
+            if result is not None:
+                exported[result.artifact] = result
     deployable_file = exported["model.ts"]
 
     with bench.stage(Stage.evaluate):
@@ -177,9 +210,12 @@ def compress(
         fidelity=fidelity,
         search=search_summary,
         export_check=deployable_file.check,
+        artifact_checks={name: result.check for name, result in exported.items() if result.check is not None},
         threads=threads,
         num_classes=num_classes,
         model_format=model_format or "module",
+        structure=structure,
+        notes=structure_notes,
     )
     metrics = build_report(bench, module, trial, measured)
     artifacts = {name: result.saved.path for name, result in exported.items()}

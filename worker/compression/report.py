@@ -7,7 +7,7 @@ Built once per job from the kept trial and the frame's measurements; it becomes
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,11 @@ class Measurements:
     threads: int
     num_classes: int
     model_format: str
+    # How the architecture was recovered (a graph's rebuilt layers, a failed conversion), and why.
+    structure: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    # Every artifact's reload check by artifact name (model.ts's is also ``export_check``).
+    artifact_checks: dict[str, Any] = field(default_factory=dict)
 
 
 def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Measurements) -> dict[str, Any]:
@@ -94,7 +99,7 @@ def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Me
                 "INT8 and pruning overheads can outweigh the savings on small inputs"
             )
 
-    notes: list[str] = []
+    notes: list[str] = list(measured.notes)
     if spec.prune is not None and spec.prune.granularity == "unstructured":
         notes.append(
             "Unstructured pruning zeroes weights but keeps dense tensors: the file size, MACs and dense-kernel "
@@ -140,6 +145,7 @@ def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Me
         "finetune": trial.finetune,
         "quantization": trial.quantization,
         "export_check": measured.export_check,
+        "artifact_checks": measured.artifact_checks,
         "environment": {
             "torch": torch.__version__,
             "device": str(ctx.device),
@@ -151,6 +157,7 @@ def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Me
             "input_shape": bench.input_shape,
             "num_classes": measured.num_classes,
             "model_format": measured.model_format,
+            "structure": measured.structure,
             "dataset": {
                 "synthetic": bench.data.synthetic,
                 "train_samples": len(bench.data.train.inputs),

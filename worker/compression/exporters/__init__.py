@@ -4,7 +4,8 @@
         exported = exporter.export(trial, bench, out_dir)
 
 An exporter writes one artifact atomically, checks it (a reload compared with the in-memory
-model, where the format can be reloaded) and returns what the frame measures. Its facts (the
+model, where the format can be reloaded) and returns what the frame measures, or None (with a
+warning on the context) where the trial cannot have this optional artifact. Its facts (the
 artifact's name, whether it needs the original architecture) are declared in
 ``compactor/catalogue.py`` under the same name; a new exporter is its facts there, one file
 here and its ``register_exporter`` line below.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from compactor.catalogue import EXPORTERS as EXPORTER_FACTS
 from compactor.catalogue import ExporterFacts
 from worker.compression.exporters.base import Exported, Exporter
+from worker.compression.exporters.pt2 import ExportedProgramExporter
 from worker.compression.exporters.state_dict import StateDictExporter
 from worker.compression.exporters.torchscript import TorchScriptExporter
 from worker.compression.trial import Trial
@@ -43,5 +45,6 @@ def exporters_for(trial: Trial) -> list[Exporter]:
 
 register_exporter(TorchScriptExporter())
 register_exporter(StateDictExporter())
+register_exporter(ExportedProgramExporter())
 
 __all__ = ["Exported", "Exporter", "exporters_for", "register_exporter", "registered_exporters"]

@@ -199,6 +199,25 @@ def _choose_channels(importances: list[torch.Tensor], amount: float, scope: Scop
     return [torch.tensor(sorted(indices), dtype=torch.long) for indices in chosen]
 
 
+def _check_still_runs(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Torch-Pruning resizes layers, not the shape arithmetic in a model's own code: an attention
+    block that reshapes into ``self.heads`` heads, or a ``view`` with a literal channel count, breaks."""
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    except Exception as error:  # whatever the model's own code raises on the new shapes
+        if is_memory_exhaustion(error):
+            raise
+        raise UnsupportedCombination(
+            "after removing channels the model no longer runs "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}): its code computes shapes "
+            "from channel counts (attention heads, reshape constants) that pruning cannot rewrite in Python code. Upload it "
+            "as a torch.export archive (.pt2) or TorchScript, whose graph records those shapes, exclude the affected layers "
+            "with prune.exclude, or use prune.granularity 'unstructured'",
+            field="prune.granularity",
+        ) from error
+
+
 def _count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
@@ -268,6 +287,8 @@ def prune_channels(
             pruning_group.prune()
             report.channels_removed += indices.numel()
             ctx.report(PRUNE_STAGE, (number + 1) / len(roots))
+        if report.channels_removed:
+            _check_still_runs(model, example_inputs.to(device))
     finally:
         for module, training in modes.items():
             module.training = training
