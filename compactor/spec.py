@@ -8,6 +8,7 @@ silently turns a stage off.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -28,13 +29,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Builder arguments that fetch or read weights (torchvision's weights, timm's pretrained,
+# pretrained_cfg, checkpoint_path, cache_dir ...): a builder only ever builds here.
+_FETCHING_KWARG = re.compile(r"weights|pretrain|checkpoint|cache|path|file|url|hub", re.IGNORECASE)
+
+
+def fetching_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> list[str]:
+    """The builder arguments that would fetch or read weights rather than build."""
+    return sorted(key for key in arch_kwargs if _FETCHING_KWARG.search(key))
+
+
 class ModelSpec(_Section):
     format: ModelFormat = "auto"
     arch: str | None = Field(
         default=None,
-        description="torchvision classification builder (e.g. resnet18); required for state_dict uploads.",
+        description=(
+            "the architecture of a weights-only upload (state_dict, safetensors): a torchvision classification "
+            "builder (e.g. resnet18) or a timm model as timm/<name> (e.g. timm/resnet18d)."
+        ),
         max_length=64,
-        pattern=r"^[a-z][a-z0-9_]*$",
+        pattern=r"^(timm/)?[a-z][a-z0-9_]*$",
     )
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     input_shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
@@ -51,8 +65,9 @@ class ModelSpec(_Section):
         for key, item in value.items():
             if not isinstance(item, allowed):
                 raise ValueError(f"arch_kwargs[{key!r}] must be a number, string, boolean or null")
-        if "weights" in value or "pretrained" in value:
-            raise ValueError("weights are uploaded, never downloaded: drop 'weights'/'pretrained' from arch_kwargs")
+        fetching = fetching_arch_kwargs(value)
+        if fetching:
+            raise ValueError(f"weights are uploaded, never downloaded or read from a path: drop {', '.join(map(repr, fetching))} from arch_kwargs")
         return value
 
 

@@ -44,6 +44,7 @@ TORCH_STACK_MODULES = {
     "torch": "torch",
     "torchvision": "torchvision",
     "torch-pruning": "torch_pruning",
+    "timm": "timm",
     "safetensors": "safetensors",
 }
 ENV_PREFIX = "COMPACTOR_"

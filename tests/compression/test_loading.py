@@ -142,6 +142,36 @@ def test_unknown_arch_and_bad_kwargs_are_spec_errors() -> None:
         build_architecture("resnet18", {"num_classes": -1})
 
 
+def test_builders_never_fetch_weights() -> None:
+    from pydantic import ValidationError
+
+    for kwargs in ({"weights": "DEFAULT"}, {"pretrained": True}, {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg_overlay": "x"}):
+        with pytest.raises(ValidationError, match="never downloaded"):
+            ModelSpec(arch="timm/resnet18d", arch_kwargs=kwargs)
+        for arch in ("resnet18", "timm/resnet18d"):
+            with pytest.raises(InvalidSpec, match="never downloaded") as refused:
+                build_architecture(arch, kwargs)
+            assert refused.value.field == "model.arch_kwargs"
+
+
+def test_a_timm_state_dict_loads_into_its_timm_architecture(tmp_path: Path, probe: torch.Tensor) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18d", pretrained=False, num_classes=10).eval()
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    loaded = load_model(path, ModelSpec(arch="timm/resnet18d", arch_kwargs={"num_classes": 10}))
+    assert loaded.arch == "timm/resnet18d"
+    with torch.no_grad():
+        assert torch.equal(loaded.module(probe), model(probe))
+    with pytest.raises(InvalidSpec) as unknown:
+        build_architecture("timm/resnet18e", {})
+    assert unknown.value.field == "model.arch" and "timm/resnet18d" in unknown.value.message
+    with pytest.raises(InvalidModel, match="do not fit timm/resnet18d"):
+        load_model(path, ModelSpec(arch="timm/resnet18d", arch_kwargs={"num_classes": 7}))
+
+
 def test_detection_models_are_not_offered_as_architectures() -> None:
     with pytest.raises(InvalidSpec):
         build_architecture("fasterrcnn_resnet50_fpn", {})

@@ -337,3 +337,35 @@ def test_the_configured_parameter_limit_reaches_the_job_child(tmp_path: Path, go
         done = store.get_job(job.id)
         assert done.status is JobStatus.failed and done.error.code == "model_too_large", done
         assert "100 parameters" in done.error.message
+
+
+def test_a_timm_architecture_and_a_pt2_upload_lose_channels_in_the_job_child(parts, tmp_path: Path) -> None:
+    """model.arch 'timm/<name>' builds from timm (never its hub) in the job's child; a .pt2
+    upload is read by the safe reader there; both come back with real channel pruning."""
+    import safetensors.torch
+    import timm
+
+    settings, store, storage = parts
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18d", pretrained=False, num_classes=10).eval()
+    weights = tmp_path / "resnet18d.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(weights))
+    program = tmp_path / "resnet18d.pt2"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}}), program)
+    channels = {"model": {"input_shape": [1, 3, 32, 32]}, "prune": {"granularity": "channel", "amount": 0.5}}
+    jobs = {
+        "timm": create_job(
+            store, storage, weights, {**channels, "model": {**channels["model"], "arch": "timm/resnet18d", "arch_kwargs": {"num_classes": 10}}}
+        ),
+        "pt2": create_job(store, storage, program, channels),
+    }
+    ratios = {}
+    for name, job in jobs.items():
+        assert execute_job(job.id, store, storage, settings, "me") is Outcome.finished
+        done = store.get_job(job.id)
+        assert done.status is JobStatus.succeeded, done
+        assert {artifact.name for artifact in done.artifacts} >= {"model.ts", "model.pt2", "report.json"}
+        ratios[name] = done.metrics["ratios"]["macs"]
+    assert ratios["timm"] < 0.35
+    assert ratios["pt2"] == pytest.approx(ratios["timm"], abs=0.02)

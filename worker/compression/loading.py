@@ -12,14 +12,15 @@
   header has been validated.
 
 Weights-only uploads need ``model.arch``: the architecture is built from
-torchvision's classification builders with ``weights=None`` (nothing is ever
-downloaded), first on the meta device so that the parameter budget and the
+torchvision's classification builders with ``weights=None``, or from timm's
+(``timm/<name>``) with ``pretrained=False`` (nothing is ever downloaded), first on the meta device so that the parameter budget and the
 fit of every tensor are checked before any real memory is allocated.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import pickle
 import warnings
@@ -52,7 +53,7 @@ from compactor.formats import (
     single_top_level_prefix,
 )
 from compactor.limits import Limits
-from compactor.spec import ModelSpec
+from compactor.spec import ModelSpec, fetching_arch_kwargs
 from compactor.torchscript_code import check_torchscript_code
 from worker.compression.graph_check import check_torchscript
 from worker.confinement import is_confined
@@ -84,12 +85,20 @@ def classification_architectures() -> list[str]:
 
 
 def build_architecture(arch: str, arch_kwargs: Mapping[str, Any], *, device: torch.device | str | None = None) -> nn.Module:
-    """A randomly initialised torchvision classifier; ``weights=None`` always, so nothing is downloaded.
+    """A randomly initialised torchvision classifier (``weights=None``) or timm model (``timm/<name>``,
+    ``pretrained=False``): nothing is ever downloaded.
 
     ``device="meta"`` builds it without allocating memory (to count
     parameters and compare shapes); some builders (the regnet family) cannot
     run on meta and raise NotImplementedError there.
     """
+    fetching = fetching_arch_kwargs(arch_kwargs)
+    if fetching:
+        raise InvalidSpec(
+            f"weights are uploaded, never downloaded or read from a path: drop {', '.join(map(repr, fetching))}", field="model.arch_kwargs"
+        )
+    if arch.startswith(TIMM_PREFIX):
+        return _call_builder(arch, _timm_builder(arch.removeprefix(TIMM_PREFIX)), arch_kwargs, device)
     names = classification_architectures()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=_SHOWN_KEYS, cutoff=0.5) or [
@@ -99,17 +108,34 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any], *, device: tor
             f"model.arch {arch!r} is not a torchvision classification model; valid names include {', '.join(close)}",
             field="model.arch",
         )
-    if "weights" in arch_kwargs or "pretrained" in arch_kwargs:
-        raise InvalidSpec("weights are uploaded, never downloaded: drop 'weights'/'pretrained'", field="model.arch_kwargs")
-    builder = torchvision.models.get_model_builder(arch)
+    return _call_builder(arch, functools.partial(torchvision.models.get_model_builder(arch), weights=None), arch_kwargs, device)
+
+
+TIMM_PREFIX = "timm/"
+
+
+def _timm_builder(name: str) -> Callable[..., nn.Module]:
+    """timm's builder of ``name`` with ``pretrained=False`` always, so timm never reaches its hub."""
+    import timm
+
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=_SHOWN_KEYS, cutoff=0.6) or ["resnet18d", "efficientnet_b0", "convnext_atto"]
+        raise InvalidSpec(
+            f"model.arch 'timm/{name}' is not a timm model; valid names include {', '.join(TIMM_PREFIX + match for match in close)}",
+            field="model.arch",
+        )
+    return functools.partial(timm.create_model, name, pretrained=False)
+
+
+def _call_builder(arch: str, builder: Callable[..., nn.Module], arch_kwargs: Mapping[str, Any], device: torch.device | str | None) -> nn.Module:
     try:
         with warnings.catch_warnings():
             # googlenet/inception_v3 warn about a future init default; uploaded weights replace it anyway.
             warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
             if device is None:
-                return builder(weights=None, **arch_kwargs)
+                return builder(**arch_kwargs)
             with torch.device(device):
-                return builder(weights=None, **arch_kwargs)
+                return builder(**arch_kwargs)
     except NotImplementedError:
         if device is not None and torch.device(device).type == "meta":
             raise

@@ -11,7 +11,9 @@ cap within one step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import io
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -199,15 +201,94 @@ def _choose_channels(importances: list[torch.Tensor], amount: float, scope: Scop
     return [torch.tensor(sorted(indices), dtype=torch.long) for indices in chosen]
 
 
-def _check_still_runs(model: nn.Module, example_inputs: torch.Tensor) -> None:
-    """Torch-Pruning resizes layers, not the shape arithmetic in a model's own code: an attention
-    block that reshapes into ``self.heads`` heads, or a ``view`` with a literal channel count, breaks."""
+class _Snapshot:
+    """What Torch-Pruning replaces in a module (its parameter and buffer objects, its channel
+    counts), kept by reference so a pruning can be undone in place; module identity stays."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._saved = [
+            (
+                module,
+                dict(module._parameters),
+                dict(module._buffers),
+                {key: value for key, value in vars(module).items() if isinstance(value, (int, float, bool, tuple))},
+            )
+            for module in modules
+        ]
+
+    def restore(self) -> None:
+        for module, parameters, buffers, attributes in self._saved:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            vars(module).update(attributes)
+
+
+Plan = tuple[nn.Module, Callable[..., nn.Module], torch.Tensor]
+
+
+def _prune_groups(graph: tp.DependencyGraph, plans: list[Plan], ctx: RunContext) -> int:
+    removed = 0
+    for number, (module, handler, indices) in enumerate(plans):
+        ctx.check_cancelled()
+        pruning_group = graph.get_pruning_group(module, handler, indices.tolist())
+        if not graph.check_pruning_group(pruning_group):
+            ctx.warn("a channel group was skipped because pruning it would empty a layer")
+            continue
+        pruning_group.prune()
+        removed += indices.numel()
+        ctx.report(PRUNE_STAGE, (number + 1) / len(plans))
+    return removed
+
+
+def _prune_groups_checked(model: nn.Module, example: torch.Tensor, plans: list[Plan], ctx: RunContext) -> int:
+    """Group by group, each undone where the model no longer runs after it; named in a warning."""
+    names = {module: name for name, module in model.named_modules()}
+    graph = _dependency_graph(model, example)
+    removed = 0
+    kept: list[str] = []
+    for number, (module, handler, indices) in enumerate(plans):
+        ctx.check_cancelled()
+        pruning_group = graph.get_pruning_group(module, handler, indices.tolist())
+        if not graph.check_pruning_group(pruning_group):
+            continue
+        touched = _Snapshot({item.dep.target.module for item in pruning_group if isinstance(item.dep.target.module, nn.Module)})
+        pruning_group.prune()
+        if _failure_to_run(model, example) is None:
+            removed += indices.numel()
+        else:
+            touched.restore()
+            kept.append(names.get(module, type(module).__name__))
+            # Torch-Pruning's concat/split bookkeeping saw the undone pruning: trace again.
+            graph = _dependency_graph(model, example)
+        ctx.report(PRUNE_STAGE, (number + 1) / len(plans))
+    if kept:
+        ctx.warn(
+            f"the channels of {', '.join(kept[:8])}{f' and {len(kept) - 8} more' if len(kept) > 8 else ''} were kept whole: "
+            "removing them breaks shape arithmetic the model computes from channel counts (attention heads, reshape constants)"
+        )
+    return removed
+
+
+def _failure_to_run(model: nn.Module, example_inputs: torch.Tensor) -> Exception | None:
     try:
-        with torch.no_grad():
+        # A GraphModule prints the failing line of its code to stderr before raising; the
+        # failure is expected here and handled, so it is not a job log's business.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             model(example_inputs)
     except Exception as error:  # whatever the model's own code raises on the new shapes
         if is_memory_exhaustion(error):
             raise
+        return error
+    return None
+
+
+def _check_still_runs(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Torch-Pruning resizes layers, not the shape arithmetic in a model's own code; what pruning
+    group by group could not keep running is a clear refusal, not a crash later."""
+    error = _failure_to_run(model, example_inputs)
+    if error is not None:
         raise UnsupportedCombination(
             "after removing channels the model no longer runs "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}): its code computes shapes "
@@ -276,19 +357,17 @@ def prune_channels(
 
         chosen = _choose_channels(importances, amount, scope)
         wanted = round(amount * report.channels_prunable)
-        for number, ((module, handler), indices) in enumerate(zip(roots, chosen, strict=True)):
-            ctx.check_cancelled()
-            if indices.numel() == 0:
-                continue
-            pruning_group = graph.get_pruning_group(module, handler, indices.tolist())
-            if not graph.check_pruning_group(pruning_group):
-                ctx.warn("a channel group was skipped because pruning it would empty a layer")
-                continue
-            pruning_group.prune()
-            report.channels_removed += indices.numel()
-            ctx.report(PRUNE_STAGE, (number + 1) / len(roots))
-        if report.channels_removed:
-            _check_still_runs(model, example_inputs.to(device))
+        plans = [(module, handler, indices) for (module, handler), indices in zip(roots, chosen, strict=True) if indices.numel()]
+        before_pruning = _Snapshot(model.modules())
+        report.channels_removed = _prune_groups(graph, plans, ctx)
+        example = example_inputs.to(device)
+        if report.channels_removed and _failure_to_run(model, example) is not None:
+            # Some group feeds shape arithmetic (a reshape into heads, a literal channel count):
+            # start again and keep each group that breaks the forward pass whole.
+            before_pruning.restore()
+            report.channels_removed = _prune_groups_checked(model, example, plans, ctx)
+            if report.channels_removed:
+                _check_still_runs(model, example)
     finally:
         for module, training in modes.items():
             module.training = training

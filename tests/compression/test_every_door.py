@@ -1,0 +1,57 @@
+"""A torchvision model through every door ends with the same structure after the same spec:
+uploaded as a state_dict with model.arch, as a torch.export archive, and as traced and scripted
+TorchScript, 50% channel pruning gives MACs ratios equal within 0.02."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from compactor.spec import JobSpec
+from worker.compression.loading import load_model
+from worker.compression.pipeline import BenchmarkOptions, compress
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+QUICK = BenchmarkOptions(warmup=1, runs=2, batch_sizes=(1,))
+
+
+def _write(model: torch.nn.Module, door: str, directory: Path) -> Path:
+    example = torch.randn(2, 3, 32, 32)
+    if door == "state_dict":
+        path = directory / "weights.pt"
+        torch.save(model.state_dict(), path)
+    elif door == "pt2":
+        path = directory / "model.pt2"
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), path)
+    else:
+        path = directory / "model.ts"
+        torch.jit.save(torch.jit.trace(model, example) if door == "traced" else torch.jit.script(model), path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_the_same_model_through_every_door_prunes_to_the_same_structure(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    spec = JobSpec.model_validate(
+        {
+            "model": {"input_shape": [1, 3, 32, 32], "arch": arch, "arch_kwargs": {"num_classes": 10}},
+            "prune": {"granularity": "channel", "amount": 0.5},
+        }
+    )
+    ratios: dict[str, float] = {}
+    for door in ("state_dict", "pt2", "traced", "scripted"):
+        directory = tmp_path / door
+        directory.mkdir()
+        loaded = load_model(_write(model, door, directory), spec.model, trusted_code=True)
+        metrics = compress(loaded, spec, out_dir=directory / "out", benchmark=QUICK).metrics
+        ratios[door] = metrics["ratios"]["macs"]
+        assert metrics["environment"]["model_format"] == ("torchscript" if door in ("traced", "scripted") else door)
+    assert ratios["state_dict"] < 0.5
+    for ratio in ratios.values():
+        assert ratio == pytest.approx(ratios["state_dict"], abs=0.02), ratios
