@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint faults sweep bench bench-core bench-service bench-confinement clean
+.PHONY: install serve test lint faults sweep bench bench-core bench-service bench-confinement bench-zoo clean
 
 install: $(STAMP)
 
@@ -36,13 +36,18 @@ faults: install
 sweep: install
 	$(BIN)/python -m pytest -m sweep tests/compression/test_graph_check.py
 
-bench: bench-core bench-service bench-confinement sweep
+bench: bench-core bench-service bench-confinement bench-zoo sweep
 
 bench-core: install
 	$(BIN)/python -m bench.core
 
 bench-service: install
 	$(BIN)/python -m bench.service
+
+# One model of every torchvision family (and custom and timm ones) through every upload door,
+# channel 30% + static INT8 (~30 min on two cores); writes bench/results/zoo.md.
+bench-zoo: install
+	$(BIN)/python -m bench.zoo
 
 # What a job's child process costs, confined (TorchScript) or not (state-dict), against the core in-process.
 bench-confinement: install

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from compactor.spec import JobSpec
 from tests.support.models import train_classifier
 from worker.compression import measure
 from worker.compression.data import Dataset, split_dataset
+from worker.compression.loading import LoadedModel, load_model
 from worker.compression.pipeline import BenchmarkOptions, compress
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -52,6 +55,26 @@ SPECS: dict[str, dict[str, Any]] = {
         "target": {"max_accuracy_drop": 0.005, "max_trials": 5},
     },
 }
+
+
+# The same spec on the same model uploaded through the graph doors (issue 11: they must reach
+# what the state_dict door reaches).
+DOOR_ROWS: dict[str, tuple[str, ...]] = {"channel 50% + ft + int8": ("pt2", "torchscript")}
+
+
+def through_door(model: nn.Module, door: str, directory: Path, example: torch.Tensor) -> LoadedModel:
+    """``model`` as a user would upload it through ``door``, loaded as the worker loads it."""
+    inputs = example.expand(2, *example.shape[1:]).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if door == "pt2":
+            path = directory / "model.pt2"
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.export.save(torch.export.export(copy.deepcopy(model).eval(), (inputs,), dynamic_shapes=({0: batch},)), path)
+        else:
+            path = directory / "model.ts"
+            torch.jit.save(torch.jit.trace(copy.deepcopy(model).eval(), inputs), path)
+    return load_model(path, JobSpec().model, trusted_code=True)
 
 
 def digits_rgb32(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,6 +185,32 @@ def print_table(rows: list[Row], original: dict[str, Any]) -> str:
     return table
 
 
+def _row(name: str, result: Any, seconds: float, test_x: torch.Tensor, test_y: torch.Tensor) -> Row:
+    metrics = result.metrics
+    ratios = metrics["ratios"]
+    note = ""
+    if metrics.get("search"):
+        search = metrics["search"]
+        note = f"chose {search['chosen_amount']:.0%} ch, budget met: {search['budget_met']}, {len(search['points'])} points"
+    row = Row(
+        name=name,
+        val_top1=(metrics["compressed"]["accuracy"] or {}).get("top1"),
+        test_top1=top1(result.model, test_x, test_y),
+        size=ratios["size"],
+        params=ratios["params"],
+        macs=ratios["macs"],
+        speedup_1=ratios.get("speedup_batch_1"),
+        speedup_32=ratios.get("speedup_batch_32"),
+        seconds=seconds,
+        note=note,
+    )
+    print(
+        f"{row.name}: test top-1 {row.test_top1:.2%}, size {row.size:.3f}, speedup b32 {_fmt(row.speedup_32, '{:.2f}×')}, {row.seconds:.0f} s",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-epochs", type=int, default=6)
@@ -192,33 +241,12 @@ def main() -> None:
         if "finetune" in raw:
             raw["finetune"] = {**finetune_defaults, **raw["finetune"]}
         spec = JobSpec.model_validate({"model": {"input_shape": [1, 3, 32, 32]}, **raw})
-        start = time.perf_counter()
-        result = compress(copy.deepcopy(model), spec, data, benchmark=bench)
-        seconds = time.perf_counter() - start
-        metrics = result.metrics
-        ratios = metrics["ratios"]
-        note = ""
-        if metrics.get("search"):
-            search = metrics["search"]
-            note = f"chose {search['chosen_amount']:.0%} ch, budget met: {search['budget_met']}, {len(search['points'])} points"
-        rows.append(
-            row := Row(
-                name=name,
-                val_top1=(metrics["compressed"]["accuracy"] or {}).get("top1"),
-                test_top1=top1(result.model, test_x, test_y),
-                size=ratios["size"],
-                params=ratios["params"],
-                macs=ratios["macs"],
-                speedup_1=ratios.get("speedup_batch_1"),
-                speedup_32=ratios.get("speedup_batch_32"),
-                seconds=seconds,
-                note=note,
-            )
-        )
-        print(
-            f"{row.name}: test top-1 {row.test_top1:.2%}, size {row.size:.3f}, speedup b32 {_fmt(row.speedup_32, '{:.2f}×')}, {row.seconds:.0f} s",
-            flush=True,
-        )
+        for door in ("module", *DOOR_ROWS.get(name, ())):
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="compactor-bench-") as scratch:
+                subject = copy.deepcopy(model) if door == "module" else through_door(model, door, Path(scratch), train_x[:1])
+                result = compress(subject, spec, data, benchmark=bench)
+            rows.append(_row(name if door == "module" else f"{name}, uploaded as {door}", result, time.perf_counter() - start, test_x, test_y))
 
     example = train_x[:1]
     original_ts = torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), example))

@@ -951,6 +951,60 @@ ALLOWED_OPS: frozenset[str] = frozenset(
 )
 
 
+# Python callables torch.export records (symbolic size arithmetic, tuple outputs), by the name its
+# serializer writes (``module.qualname``), as the TorchScript op that does the same thing. The
+# gateway reads them from a .pt2's JSON; the worker from the loaded graph (graph_check.py).
+PYTHON_TARGETS: Mapping[str, str] = {
+    "_operator.getitem": "aten::__getitem__",
+    "_operator.add": "aten::add",
+    "_operator.sub": "aten::sub",
+    "_operator.mul": "aten::mul",
+    "_operator.truediv": "aten::div",
+    "_operator.floordiv": "aten::floordiv",
+    "_operator.mod": "aten::remainder",
+    "_operator.pow": "aten::pow",
+    "_operator.neg": "aten::neg",
+    "_operator.eq": "aten::eq",
+    "_operator.ne": "aten::ne",
+    "_operator.lt": "aten::lt",
+    "_operator.le": "aten::le",
+    "_operator.gt": "aten::gt",
+    "_operator.ge": "aten::ge",
+    "_operator.and_": "aten::__and__",
+    "_operator.or_": "aten::__or__",
+    "_operator.xor": "aten::__xor__",
+    "_operator.not_": "aten::__not__",
+    "builtins.abs": "prim::abs",
+    "builtins.min": "prim::min",
+    "builtins.max": "prim::max",
+    "math.sqrt": "aten::sqrt",
+    "math.floor": "aten::floor",
+    "math.ceil": "aten::ceil",
+    "math.trunc": "aten::trunc",
+    "torch.sym_float": "aten::Float",
+    "torch.sym_int": "aten::Int",
+    "torch.sym_max": "prim::max",
+    "torch.sym_min": "prim::min",
+    "torch.sym_not": "aten::__not__",
+}
+# Higher-order ops whose subgraphs are ordinary graphs of the program, checked with it.
+WALKED_HIGHER_ORDER_OPS = frozenset({"cond", "while_loop"})
+
+
+def serialized_target_op(target: str) -> str | None:
+    """A node target as torch.export's JSON writes it (``torch.ops.aten.conv2d.default``,
+    ``_operator.mul``) as an op name of this list (``aten::conv2d``); None for a walked
+    higher-order op; anything unknown gets a name no allowlist holds."""
+    if target.startswith("torch.ops."):
+        parts = target.split(".")
+        if len(parts) >= 4:
+            namespace, op = parts[2], parts[3]
+            if namespace == "higher_order":
+                return None if op in WALKED_HIGHER_ORDER_OPS else f"higher_order::{op}"
+            return f"{namespace}::{op}"
+    return PYTHON_TARGETS.get(target, f"python::{target}")
+
+
 def disallowed_ops(op_names: Iterable[str]) -> list[str]:
     """The names in ``op_names`` that :data:`ALLOWED_OPS` does not contain, sorted and unique."""
     return sorted({name for name in op_names if name not in ALLOWED_OPS})

@@ -25,6 +25,7 @@ from compactor.formats.npy import parse_npy_header, read_entry_head
 from compactor.formats.pickle_scan import MalformedPickle, describe_globals, disallowed_globals
 from compactor.formats.safetensors import looks_like_safetensors, read_safetensors_header
 from compactor.formats.zip_guard import check_zip_archive, open_zip, read_entry, single_top_level_prefix
+from compactor.graph_ops import check_ops, serialized_target_op
 
 ModelFileFormat = Literal["torchscript", "state_dict", "safetensors", "pt2"]
 DatasetFileFormat = Literal["pt", "npz"]
@@ -144,6 +145,42 @@ def _check_pt2(archive: zipfile.ZipFile, prefix: str, names: set[str], limits: A
     for name in sorted(names):
         if name.startswith(f"{prefix}/data/sample_inputs/"):
             _check_torch_save_payload(archive, name, limits, "sample inputs")
+    _check_pt2_ops(archive, prefix, names, limits)
+
+
+def _first_output_name(outputs: object) -> str:
+    """The serialized node's first output (``{"as_tensor": {"name": "conv2d"}}``), for messages."""
+    first = outputs[0] if isinstance(outputs, list) and outputs else None
+    value = next(iter(first.values()), None) if isinstance(first, dict) and first else None
+    name = value.get("name") if isinstance(value, dict) else None
+    return repr(name) if isinstance(name, str) else "an output"
+
+
+def _check_pt2_ops(archive: zipfile.ZipFile, prefix: str, names: set[str], limits: ArchiveLimits) -> None:
+    """Every op the program's JSON names, against the allowlist, before the upload is stored (the
+    worker checks the loaded graph again)."""
+    if f"{prefix}/{PT2_PROGRAM}" not in names:
+        raise InvalidModel(f"the torch.export archive has no {PT2_PROGRAM} (was it written by torch.export.save?)")
+    try:
+        program = json.loads(read_entry(archive, f"{prefix}/{PT2_PROGRAM}", limits.max_pickle_bytes, InvalidModel))
+    except ValueError as exc:
+        raise InvalidModel(f"the torch.export archive's {PT2_PROGRAM} is not JSON: {exc}") from None
+    ops: dict[str, str] = {}
+    pending: list[object] = [program]
+    while pending:  # every graph, nested ones (cond branches) included; iterative, any depth
+        item = pending.pop()
+        if isinstance(item, dict):
+            target = item.get("target")
+            if isinstance(target, str) and "inputs" in item and "outputs" in item:
+                op = serialized_target_op(target)
+                if op is not None:
+                    ops.setdefault(op, f"the node computing {_first_output_name(item['outputs'])} in {PT2_PROGRAM}")
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    if not ops:
+        raise InvalidModel(f"the torch.export archive's {PT2_PROGRAM} holds no graph nodes (truncated or hand-made?)")
+    check_ops(ops)
 
 
 def _check_torch_save_payload(archive: zipfile.ZipFile, name: str, limits: ArchiveLimits, what: str) -> None:

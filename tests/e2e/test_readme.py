@@ -81,7 +81,7 @@ def test_readme_curl_examples_run_against_a_live_server(tmp_path: Path) -> None:
     # What a user does with the file: plain torch, a fresh interpreter, no Compactor code.
     scoring = (
         "import sys, torch\n"
-        "model = torch.jit.load(sys.argv[1])\n"
+        "model = torch.export.load(sys.argv[1]).module() if sys.argv[1].endswith('.pt2') else torch.jit.load(sys.argv[1])\n"
         "data = torch.load(sys.argv[2], weights_only=True)\n"
         "with torch.inference_mode():\n"
         "    print((model(data['inputs']).argmax(1) == data['targets']).float().mean().item())\n"
@@ -94,6 +94,15 @@ def test_readme_curl_examples_run_against_a_live_server(tmp_path: Path) -> None:
     )
     assert scored.returncode == 0, scored.stderr
     heldout_top1 = float(scored.stdout.strip())
+    # model.pt2 is the float compressed model: plain torch.export.load, close to the INT8 model.ts.
+    exported = subprocess.run(
+        [sys.executable, "-I", "-W", "ignore", "-c", scoring, str(work / "model.pt2"), str(tmp_path / "heldout.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert abs(float(exported.stdout.strip()) - heldout_top1) <= 0.05, (exported.stdout, heldout_top1)
     numbers = f"held-out {heldout_top1:.3f}, original held-out {original_top1:.3f}, report {report['compressed']['accuracy']}"
     # A briefly trained model, half its channels removed, two epochs to recover: far above
     # chance (0.1), and the report's validation figure predicts the held-out one.

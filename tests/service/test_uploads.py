@@ -177,3 +177,28 @@ async def test_a_dataset_past_the_configured_size_is_refused_at_upload(make_sett
         assert wide.status_code == 422 and "COMPACTOR_MAX_DATASET_BYTES" in wide.json()["detail"], wide.text
     app.state.resources.close()
     assert stored_files(settings) == [p for p in stored_files(settings) if p.name == small.json()["id"]]
+
+
+async def test_a_pt2_calling_an_op_off_the_allowlist_is_refused_at_upload(client, files, settings) -> None:
+    # The gateway (torch-free) reads the ops from the program's JSON; the worker checks the graph again.
+    class Prints(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.ops.aten._print("a side effect of calling the model")
+            return x * 2
+
+    program = io.BytesIO()
+    torch.export.save(torch.export.export(Prints(), (torch.randn(2, 4),)), program)
+    response = await upload(client, "models", program.getvalue())
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "unsafe_model" and "aten::_print" in response.json()["detail"]
+    # A hand-edited program naming a file-reading op is refused the same way, whatever the graph says.
+    source, edited = zipfile.ZipFile(io.BytesIO(files.pt2)), io.BytesIO()
+    with zipfile.ZipFile(edited, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("models/model.json"):
+                data = data.replace(b"torch.ops.aten.relu.default", b"torch.ops.aten.from_file.default", 1)
+            target.writestr(info, data)
+    response = await upload(client, "models", edited.getvalue())
+    assert response.status_code == 422 and "aten::from_file" in response.json()["detail"]
+    assert stored_files(settings) == []

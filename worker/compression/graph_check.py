@@ -31,16 +31,13 @@ and any torchbind class (``__torch__.torch.classes.*``) a module holds or a grap
 
 from __future__ import annotations
 
-import builtins
-import math
-import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from compactor.graph_ops import check_ops
+from compactor.graph_ops import PYTHON_TARGETS, WALKED_HIGHER_ORDER_OPS, check_ops
 
 _TORCHBIND_PREFIX = "__torch__.torch.classes."
 _CALLS = ("prim::CallMethod", "prim::CallFunction")
@@ -179,45 +176,6 @@ def check_torchscript(module: torch.jit.ScriptModule) -> None:
 
 # ----------------------------------------------------------------- torch.export
 
-# Higher-order ops whose subgraphs are ordinary graph modules of the program, walked with it.
-_WALKED_HIGHER_ORDER_OPS = frozenset({"cond", "while_loop"})
-
-# Python functions torch.export records for symbolic sizes and tuple outputs, as the
-# TorchScript op that does the same thing.
-_PYTHON_FUNCTIONS: dict[Callable[..., Any], str] = {
-    operator.getitem: "aten::__getitem__",
-    operator.add: "aten::add",
-    operator.sub: "aten::sub",
-    operator.mul: "aten::mul",
-    operator.truediv: "aten::div",
-    operator.floordiv: "aten::floordiv",
-    operator.mod: "aten::remainder",
-    operator.pow: "aten::pow",
-    operator.neg: "aten::neg",
-    operator.eq: "aten::eq",
-    operator.ne: "aten::ne",
-    operator.lt: "aten::lt",
-    operator.le: "aten::le",
-    operator.gt: "aten::gt",
-    operator.ge: "aten::ge",
-    operator.and_: "aten::__and__",
-    operator.or_: "aten::__or__",
-    operator.xor: "aten::__xor__",
-    operator.not_: "aten::__not__",
-    builtins.abs: "prim::abs",
-    builtins.min: "prim::min",
-    builtins.max: "prim::max",
-    math.sqrt: "aten::sqrt",
-    math.floor: "aten::floor",
-    math.ceil: "aten::ceil",
-    math.trunc: "aten::trunc",
-    torch.sym_float: "aten::Float",
-    torch.sym_int: "aten::Int",
-    torch.sym_max: "prim::max",
-    torch.sym_min: "prim::min",
-    torch.sym_not: "aten::__not__",
-}
-
 
 def _fx_op_name(target: Any) -> str | None:
     """``aten.conv2d.default`` as ``aten::conv2d``; None for a higher-order op whose subgraphs are walked."""
@@ -227,16 +185,10 @@ def _fx_op_name(target: Any) -> str | None:
         return target._qualified_op_name
     if isinstance(target, torch._ops.HigherOrderOperator):
         name = target.name()
-        return None if name in _WALKED_HIGHER_ORDER_OPS else f"higher_order::{name}"
-    try:
-        mapped = _PYTHON_FUNCTIONS.get(target)
-    except TypeError:  # unhashable
-        mapped = None
-    if mapped is not None:
-        return mapped
+        return None if name in WALKED_HIGHER_ORDER_OPS else f"higher_order::{name}"
     module = getattr(target, "__module__", None) or type(target).__module__
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__qualname__
-    return f"python::{module}.{name}"
+    return PYTHON_TARGETS.get(f"{module}.{name}", f"python::{module}.{name}")
 
 
 def exported_program_ops(ep: torch.export.ExportedProgram) -> dict[str, str]:

@@ -14,10 +14,15 @@ works on the TorchScript module (unstructured pruning, quantization) and the rep
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
+from torch._export.converter import TS2EPConverter
+from torch.export import Dim
 
 from compactor.errors import UnsafeModel
 from worker.compression.context import is_memory_exhaustion
@@ -56,6 +61,31 @@ def _disagreement(expected: object, got: object) -> float | None:
     return float((expected - got).abs().max()) / scale if expected.numel() else 0.0
 
 
+@contextlib.contextmanager
+def _only_the_batch_dynamic() -> Iterator[None]:
+    """TS2EPConverter retraces with every dimension ``Dim.AUTO``; symbolic image sizes then meet
+    adaptive pooling arithmetic sympy cannot solve (alexnet: ``Eq(((x/8)//4) - 2, 0)``). The
+    batch stays dynamic, the sample dimensions are the example's, as an nn.Module's export."""
+    from torch._export import converter
+
+    original = converter._tree_map_with_path
+
+    def batch_only(function: Any, tree: Any, *rest: Any, **options: Any) -> Any:
+        def dims(path: Any, value: Any) -> Any:
+            found = function(path, value)
+            if isinstance(found, list) and found:
+                return [found[0], *([Dim.STATIC] * (len(found) - 1))]
+            return found
+
+        return original(dims, tree, *rest, **options)
+
+    converter._tree_map_with_path = batch_only
+    try:
+        yield
+    finally:
+        converter._tree_map_with_path = original
+
+
 def torchscript_to_graph(script: torch.jit.ScriptModule, example: torch.Tensor) -> ConvertedGraph:
     """The upload as an allowlisted ATen graph with real layer modules, outputs equal to ``script``'s.
 
@@ -63,9 +93,7 @@ def torchscript_to_graph(script: torch.jit.ScriptModule, example: torch.Tensor) 
     """
     script = script.eval()
     try:
-        from torch._export.converter import TS2EPConverter
-
-        with quiet_export():
+        with quiet_export(), _only_the_batch_dynamic():
             program = TS2EPConverter(script, (example,)).convert()
     except Exception as error:  # the converter raises many types on what it cannot express
         if is_memory_exhaustion(error):
