@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 from compactor.spec import JobSpec
+from tests.support.doors import Door, write_upload
 from tests.support.models import train_classifier
 from worker.compression import measure
 from worker.compression.data import Dataset, split_dataset
@@ -59,21 +60,12 @@ SPECS: dict[str, dict[str, Any]] = {
 
 # The same spec on the same model uploaded through the graph doors (issue 11: they must reach
 # what the state_dict door reaches).
-DOOR_ROWS: dict[str, tuple[str, ...]] = {"channel 50% + ft + int8": ("pt2", "torchscript")}
+DOOR_ROWS: dict[str, tuple[Door, ...]] = {"channel 50% + ft + int8": ("pt2", "traced")}
 
 
-def through_door(model: nn.Module, door: str, directory: Path, example: torch.Tensor) -> LoadedModel:
+def through_door(model: nn.Module, door: Door, directory: Path, example: torch.Tensor) -> LoadedModel:
     """``model`` as a user would upload it through ``door``, loaded as the worker loads it."""
-    inputs = example.expand(2, *example.shape[1:]).clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if door == "pt2":
-            path = directory / "model.pt2"
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            torch.export.save(torch.export.export(copy.deepcopy(model).eval(), (inputs,), dynamic_shapes=({0: batch},)), path)
-        else:
-            path = directory / "model.ts"
-            torch.jit.save(torch.jit.trace(copy.deepcopy(model).eval(), inputs), path)
+    path = write_upload(copy.deepcopy(model), door, directory, example.expand(2, *example.shape[1:]).clone())
     return load_model(path, JobSpec().model, trusted_code=True)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from compactor.errors import CompactorError
 from compactor.spec import JobSpec
 from tests.support.architectures import CUSTOM_ARCHITECTURES, build_custom
+from tests.support.doors import write_upload
 from worker.compression.loading import build_architecture, load_model
 from worker.compression.pipeline import BenchmarkOptions, compress
 
@@ -74,23 +74,6 @@ class Cell:
     seconds: float = 0.0
 
 
-def _upload(model: nn.Module, door: str, side: int, directory: Path) -> Path:
-    example = torch.randn(2, 3, side, side) if side else torch.randn(2, 1, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if door == "state_dict":
-            path = directory / "weights.pt"
-            torch.save(model.state_dict(), path)
-        elif door == "pt2":
-            path = directory / "model.pt2"
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), path)
-        else:
-            path = directory / "model.ts"
-            torch.jit.save(torch.jit.trace(model, example), path)
-    return path
-
-
 def run_cell(name: str, build: Callable[[], nn.Module], arch: str | None, arch_kwargs: dict[str, Any], side: int, door: str, runs: int) -> Cell:
     shape = [1, 3, side, side] if side else [1, 1, 8, 8]
     spec = JobSpec.model_validate({"model": {"input_shape": shape, "arch": arch, "arch_kwargs": arch_kwargs}, **SPEC})
@@ -99,7 +82,8 @@ def run_cell(name: str, build: Callable[[], nn.Module], arch: str | None, arch_k
         with tempfile.TemporaryDirectory(prefix="compactor-zoo-") as scratch:
             directory = Path(scratch)
             try:
-                path = _upload(build(), door, side, directory)
+                example = torch.randn(2, 3, side, side) if side else torch.randn(2, 1, 8, 8)
+                path = write_upload(build(), "traced" if door == "torchscript" else door, directory, example)
             except Exception as error:  # noqa: BLE001 - the user could not even make this upload
                 return Cell(name, door, f"not exportable by the user: {type(error).__name__}", seconds=time.perf_counter() - started)
             loaded = load_model(path, spec.model, trusted_code=True)

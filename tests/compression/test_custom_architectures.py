@@ -18,6 +18,7 @@ import torch
 from compactor.errors import CompactorError
 from compactor.spec import JobSpec
 from tests.support.architectures import CUSTOM_ARCHITECTURES, build_custom
+from tests.support.doors import write_upload
 from worker.compression.loading import load_model
 from worker.compression.pipeline import BenchmarkOptions, compress
 
@@ -26,18 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 DOORS = ("module", "traced", "scripted", "pt2")
 SPEC = JobSpec.model_validate({"model": {"input_shape": [1, 1, 8, 8]}, "prune": {"granularity": "channel", "amount": 0.5}})
 QUICK = BenchmarkOptions(warmup=1, runs=2, batch_sizes=(1,))
-
-
-def _upload(model: torch.nn.Module, door: str, directory: Path) -> Path:
-    example = torch.randn(2, 1, 8, 8)
-    if door == "pt2":
-        path = directory / "model.pt2"
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), path)
-        return path
-    path = directory / "model.ts"
-    torch.jit.save(torch.jit.trace(model, example) if door == "traced" else torch.jit.script(model), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
                 if door == "module":
                     result = compress(copy.deepcopy(model), SPEC, out_dir=directory / "out", benchmark=QUICK)
                 else:
-                    loaded = load_model(_upload(model, door, directory), SPEC.model, trusted_code=True)
+                    loaded = load_model(write_upload(model, door, directory, torch.randn(2, 1, 8, 8)), SPEC.model, trusted_code=True)
                     result = compress(loaded, SPEC, out_dir=directory / "out", benchmark=QUICK)
             except CompactorError as error:
                 found[name, door] = error

@@ -11,27 +11,13 @@ import torch
 import torchvision
 
 from compactor.spec import JobSpec
+from tests.support.doors import DOORS, write_upload
 from worker.compression.loading import load_model
 from worker.compression.pipeline import BenchmarkOptions, compress
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 QUICK = BenchmarkOptions(warmup=1, runs=2, batch_sizes=(1,))
-
-
-def _write(model: torch.nn.Module, door: str, directory: Path) -> Path:
-    example = torch.randn(2, 3, 32, 32)
-    if door == "state_dict":
-        path = directory / "weights.pt"
-        torch.save(model.state_dict(), path)
-    elif door == "pt2":
-        path = directory / "model.pt2"
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), path)
-    else:
-        path = directory / "model.ts"
-        torch.jit.save(torch.jit.trace(model, example) if door == "traced" else torch.jit.script(model), path)
-    return path
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
@@ -45,10 +31,10 @@ def test_the_same_model_through_every_door_prunes_to_the_same_structure(arch: st
         }
     )
     ratios: dict[str, float] = {}
-    for door in ("state_dict", "pt2", "traced", "scripted"):
+    for door in DOORS:
         directory = tmp_path / door
         directory.mkdir()
-        loaded = load_model(_write(model, door, directory), spec.model, trusted_code=True)
+        loaded = load_model(write_upload(model, door, directory, torch.randn(2, 3, 32, 32)), spec.model, trusted_code=True)
         metrics = compress(loaded, spec, out_dir=directory / "out", benchmark=QUICK).metrics
         ratios[door] = metrics["ratios"]["macs"]
         assert metrics["environment"]["model_format"] == ("torchscript" if door in ("traced", "scripted") else door)

@@ -86,23 +86,20 @@ def test_readme_curl_examples_run_against_a_live_server(tmp_path: Path) -> None:
         "with torch.inference_mode():\n"
         "    print((model(data['inputs']).argmax(1) == data['targets']).float().mean().item())\n"
     )
-    scored = subprocess.run(
-        [sys.executable, "-I", "-W", "ignore", "-c", scoring, str(work / "model.ts"), str(tmp_path / "heldout.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert scored.returncode == 0, scored.stderr
-    heldout_top1 = float(scored.stdout.strip())
+
+    def held_out_top1(artifact: str) -> float:
+        scored = subprocess.run(
+            [sys.executable, "-I", "-W", "ignore", "-c", scoring, str(work / artifact), str(tmp_path / "heldout.pt")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert scored.returncode == 0, scored.stderr
+        return float(scored.stdout.strip())
+
+    heldout_top1 = held_out_top1("model.ts")
     # model.pt2 is the float compressed model: plain torch.export.load, close to the INT8 model.ts.
-    exported = subprocess.run(
-        [sys.executable, "-I", "-W", "ignore", "-c", scoring, str(work / "model.pt2"), str(tmp_path / "heldout.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert exported.returncode == 0, exported.stderr
-    assert abs(float(exported.stdout.strip()) - heldout_top1) <= 0.05, (exported.stdout, heldout_top1)
+    assert abs(held_out_top1("model.pt2") - heldout_top1) <= 0.05, heldout_top1
     numbers = f"held-out {heldout_top1:.3f}, original held-out {original_top1:.3f}, report {report['compressed']['accuracy']}"
     # A briefly trained model, half its channels removed, two epochs to recover: far above
     # chance (0.1), and the report's validation figure predicts the held-out one.
