@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ def warm_up() -> float:
     from worker.compression.pipeline import BenchmarkOptions, compress
 
     started = time.perf_counter()
+    _no_monitor_threads()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -59,7 +61,21 @@ def warm_up() -> float:
         log.exception("warming up the job fork server failed; jobs start cold")
     finally:
         torch.set_num_threads(threads)
+    running = threading.active_count()
+    if running != 1:
+        log.warning("the job fork server runs %d threads after its warm-up; forking it is unsafe", running)
     return time.perf_counter() - started
+
+
+def _no_monitor_threads() -> None:
+    """torch.export's tracer (model.pt2, TorchScript conversion) opens tqdm progress bars, and the
+    first one starts tqdm's monitor thread. A fork server must stay single-threaded: a child forked
+    while that thread holds tqdm's lock would wait on it for ever."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.monitor_interval = 0
 
 
 warm_up()

@@ -101,6 +101,12 @@ def test_the_fork_server_and_its_children_hold_no_secrets(parts, good_archive: P
         "OMP_NUM_THREADS": "2",
         "PATH": "/bin",
     }
+    # Warmed up (a job was served) and still single-threaded: forking a process whose other
+    # threads may hold locks (tqdm's monitor, started by torch.export's tracer) is unsafe.
+    assert_next_job_runs(store, storage, settings, good_archive)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    threads = next(line for line in Path(f"/proc/{server}/status").read_text().splitlines() if line.startswith("Threads:"))
+    assert threads.split()[1] == "1", threads
 
 
 def assert_next_job_runs(store: JobStore, storage: LocalStorage, settings: Settings, archive: Path) -> None:
