@@ -132,6 +132,17 @@ class ExportCheck(_Open):
     max_abs_diff: float | None = None
     tolerance: float | None = None
     quantized: bool | None = None
+    int8: bool | None = Field(default=None, description="model.pt2 only: false, it holds the float compressed model.")
+
+
+class Structure(_Open):
+    """How the upload's architecture was recovered as a graph with real layers."""
+
+    graph: str | None = Field(default=None, description="'torch.export' where the job worked on an ATen graph; null where it could not.")
+    converted_from: str | None = Field(default=None, description="'torchscript' for an upload converted in the job.")
+    layers_rebuilt: int | None = None
+    calls_left: list[str] = Field(default_factory=list, description="Layer calls left as ATen calls, and why.")
+    conversion_failed: str | None = Field(default=None, description="Why a TorchScript upload stayed a program.")
 
 
 class DatasetSummary(_Open):
@@ -151,6 +162,7 @@ class Environment(_Open):
     input_shape: list[int] | None = None
     num_classes: int | None = None
     model_format: str | None = None
+    structure: Structure | None = Field(default=None, description="Null for a model built from model.arch.")
     dataset: DatasetSummary | None = None
 
 
@@ -168,6 +180,7 @@ class Report(_Open):
     finetune: list[FinetuneSummary] = Field(default_factory=list)
     quantization: QuantizationSummary | None = None
     export_check: ExportCheck | None = None
+    artifact_checks: dict[str, ExportCheck] = Field(default_factory=dict, description="Each artifact's reload check, by artifact name.")
     environment: Environment | None = None
     warnings: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)

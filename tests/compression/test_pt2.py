@@ -180,3 +180,29 @@ def test_a_program_with_data_dependent_control_flow_is_refused_clearly(tmp_path:
     torch.export.save(torch.export.export(Branches().eval(), (torch.randn(2, 4),)), path)
     with pytest.raises(InvalidModel, match=r"control flow \(torch\.ops\.higher_order\.cond"):
         load_model(path, ModelSpec())
+
+
+def test_every_pipeline_option_works_on_a_rebuilt_graph_with_the_upload_s_names(tiny_cnn, tmp_path: Path) -> None:
+    """A second-order criterion, per-layer scope, two steps with fine-tuning between them,
+    ``exclude`` by the name the export recorded, and dynamic INT8 of the rebuilt Linear head."""
+    from compactor.spec import JobSpec
+    from tests.support.jobs import write_digits_dataset
+    from worker.compression.pipeline import BenchmarkOptions, compress_files
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"input_shape": [1, 1, 8, 8]},
+            "prune": {"granularity": "channel", "amount": 0.5, "criterion": "hessian", "scope": "layer", "steps": 2, "exclude": ["features.3"]},
+            "finetune": {"epochs": 2},
+            "quantize": {"mode": "dynamic"},
+        }
+    )
+    dataset = write_digits_dataset(tmp_path / "digits.pt")
+    archive = _export(tiny_cnn, tmp_path / "tiny.pt2", torch.randn(2, 1, 8, 8))
+    metrics = compress_files(archive, spec, tmp_path / "out", dataset_path=dataset, benchmark=BenchmarkOptions(warmup=1, runs=2)).metrics
+    layers = {row["name"]: row for row in metrics["layers"]}
+    assert layers["features.3"]["channels_after"] == layers["features.3"]["channels_before"] == 64  # excluded
+    assert layers["features.0"]["channels_after"] < 32 and layers["features.7"]["channels_after"] < 128
+    assert metrics["prune"]["criterion"] == "hessian" and metrics["quantization"]["mode"] == "dynamic"
+    assert metrics["compressed"]["accuracy"]["top1"] > 0.8
+    assert metrics["environment"]["structure"] == {"graph": "torch.export", "layers_rebuilt": 7, "calls_left": []}

@@ -92,9 +92,11 @@ def test_compat_allows_what_works() -> None:
         labelled,
     )
     check_compatibility("safetensors", JobSpec.model_validate({"model": {"arch": "vgg16"}, "finetune": {}}), unlabelled)
+    # Channel pruning of TorchScript passes: the worker converts it into a graph (and says why where it cannot).
+    check_compatibility("torchscript", JobSpec.model_validate({"prune": {}}), labelled)
     with pytest.raises(UnsupportedCombination) as info:
-        check_compatibility("torchscript", JobSpec.model_validate({"prune": {}}), labelled)
-    assert "unstructured" in info.value.message and "state_dict" in info.value.message
+        check_compatibility("torchscript", JobSpec.model_validate({"prune": {"criterion": "taylor"}}), None)
+    assert "magnitude" in info.value.message and info.value.field == "prune.criterion"
 
 
 def test_celery_config_and_filesystem_queue(make_settings) -> None:
