@@ -31,12 +31,13 @@ class _Section(BaseModel):
 
 # Builder arguments that fetch or read weights (torchvision's weights, timm's pretrained,
 # pretrained_cfg, checkpoint_path, cache_dir ...): a builder only ever builds here.
-_FETCHING_KWARG = re.compile(r"weights|pretrain|checkpoint|cache|path|file|url|hub", re.IGNORECASE)
+# Whole names, not substrings: torchvision's init_weights / transform_input only build.
+_FETCHING_KWARG = re.compile(r"weights|pretrained\w*|checkpoint\w*|cache_dir|\w*_path|\w*_file|file\w*|\w*url|hub\w*", re.IGNORECASE)
 
 
 def fetching_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> list[str]:
     """The builder arguments that would fetch or read weights rather than build."""
-    return sorted(key for key in arch_kwargs if _FETCHING_KWARG.search(key))
+    return sorted(key for key in arch_kwargs if _FETCHING_KWARG.fullmatch(key))
 
 
 class ModelSpec(_Section):

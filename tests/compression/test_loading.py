@@ -152,6 +152,8 @@ def test_builders_never_fetch_weights() -> None:
             with pytest.raises(InvalidSpec, match="never downloaded") as refused:
                 build_architecture(arch, kwargs)
             assert refused.value.field == "model.arch_kwargs"
+    # Builder arguments that only build are not mistaken for fetching ones.
+    assert ModelSpec(arch="googlenet", arch_kwargs={"init_weights": False, "transform_input": False}).arch_kwargs["init_weights"] is False
 
 
 def test_a_timm_state_dict_loads_into_its_timm_architecture(tmp_path: Path, probe: torch.Tensor) -> None:
