@@ -57,3 +57,9 @@ def is_memory_exhaustion(error: BaseException) -> bool:
     """An allocation failed (Python's MemoryError, or torch's allocator, also through TorchScript)."""
     text = str(error)
     return isinstance(error, MemoryError) or "can't allocate memory" in text or "bad_alloc" in text
+
+
+def first_line(error: BaseException, max_chars: int = 300) -> str:
+    """The first line of an error's message (its type where it has none), cut for a report or a job error."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"

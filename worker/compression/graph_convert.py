@@ -25,8 +25,8 @@ from torch._export.converter import TS2EPConverter
 from torch.export import Dim
 
 from compactor.errors import UnsafeModel
-from worker.compression.context import is_memory_exhaustion
-from worker.compression.export import quiet_export
+from worker.compression.context import first_line, is_memory_exhaustion
+from worker.compression.export import _max_abs_diff, quiet_export
 from worker.compression.graph_check import check_exported_program
 from worker.compression.graph_modules import Rebuilt, control_flow, rebuild_layer_modules
 
@@ -44,21 +44,9 @@ class ConvertedGraph:
     rebuilt: Rebuilt
 
 
-def _first_line(error: BaseException, max_chars: int = 240) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-
 def _other_batch(example: torch.Tensor) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn([example.shape[0] + 1, *example.shape[1:]], generator=generator, dtype=example.dtype)
-
-
-def _disagreement(expected: object, got: object) -> float | None:
-    if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or expected.shape != got.shape:
-        return None
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    return float((expected - got).abs().max()) / scale if expected.numel() else 0.0
 
 
 @contextlib.contextmanager
@@ -98,18 +86,18 @@ def torchscript_to_graph(script: torch.jit.ScriptModule, example: torch.Tensor) 
     except Exception as error:  # the converter raises many types on what it cannot express
         if is_memory_exhaustion(error):
             raise
-        raise GraphConversionFailed(f"torch's TorchScript→export converter stopped: {type(error).__name__}: {_first_line(error)}") from error
+        raise GraphConversionFailed(f"torch's TorchScript→export converter stopped: {type(error).__name__}: {first_line(error, 240)}") from error
     try:
         check_exported_program(program)
     except UnsafeModel as error:
-        raise GraphConversionFailed(f"the converted graph calls an op off the allowlist ({_first_line(error)})") from error
-    # No guard function in the graph: it checks input shapes with Python ints, and the module is
-    # traced again with tensors (TorchScript export, Torch-Pruning); compress() checks the input itself.
+        raise GraphConversionFailed(f"the converted graph calls an op off the allowlist ({first_line(error, 240)})") from error
     flow = control_flow(program.graph_module)
     if flow:
         raise GraphConversionFailed(
             f"the program's data-dependent control flow became {', '.join(flow)}, which the TorchScript artifact cannot carry"
         )
+    # No guard function in the graph: it checks input shapes with Python ints, and the module is
+    # traced again with tensors (TorchScript export, Torch-Pruning); compress() checks the input itself.
     rebuilt = rebuild_layer_modules(program.module(check_guards=False))
     graph = rebuilt.module
     other = _other_batch(example)
@@ -121,10 +109,11 @@ def torchscript_to_graph(script: torch.jit.ScriptModule, example: torch.Tensor) 
             except Exception as error:  # a shape the conversion fixed to the example's
                 if is_memory_exhaustion(error):
                     raise
-                raise GraphConversionFailed(f"the converted graph fails on {what}: {type(error).__name__}: {_first_line(error)}") from error
-            difference = _disagreement(expected, got)
-            if difference is None or difference > _TOLERANCE:
-                shown = "a different output structure" if difference is None else f"relative max difference {difference:.3g}"
+                raise GraphConversionFailed(f"the converted graph fails on {what}: {type(error).__name__}: {first_line(error, 240)}") from error
+            difference, scale = _max_abs_diff(expected, got)
+            relative = difference / max(1.0, scale)
+            if not relative <= _TOLERANCE:  # inf where the output structures differ
+                shown = "a different output structure" if relative == float("inf") else f"relative max difference {relative:.3g}"
                 raise GraphConversionFailed(f"the converted graph disagrees with the TorchScript program on {what} ({shown})")
     return ConvertedGraph(module=graph, rebuilt=rebuilt)
 

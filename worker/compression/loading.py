@@ -55,6 +55,7 @@ from compactor.formats import (
 from compactor.limits import Limits
 from compactor.spec import ModelSpec, fetching_arch_kwargs
 from compactor.torchscript_code import check_torchscript_code
+from worker.compression.context import first_line as _first_line
 from worker.compression.graph_check import check_torchscript
 from worker.confinement import is_confined
 
@@ -432,11 +433,6 @@ def _listing(items: Iterable[str], shown: int = _SHOWN_KEYS) -> str:
     items = list(items)
     listed = ", ".join(items[:shown])
     return f"{listed} and {len(items) - shown} more" if len(items) > shown else listed
-
-
-def _first_line(exc: BaseException, max_chars: int = 300) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
 __all__ = [

@@ -50,6 +50,7 @@ from torch.export.pt2_archive.constants import (
 
 from compactor.errors import InvalidModel, UnsafeModel
 from compactor.formats.zip_guard import check_zip_archive, open_zip
+from worker.compression.context import first_line as _first_line
 from worker.compression.graph_check import check_exported_program
 from worker.compression.loading import LoadLimits, check_parameter_budget
 
@@ -88,11 +89,6 @@ def load_exported_program(path: Path, limits: LoadLimits | None = None) -> Expor
         raise InvalidModel(f"the torch.export archive cannot be rebuilt: {type(error).__name__}: {_first_line(error)}") from None
     check_exported_program(program)
     return program
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error)
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _payload_config(reader: Any, name: str, names: set[str]) -> schema.PayloadConfig:

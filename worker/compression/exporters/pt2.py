@@ -19,18 +19,13 @@ from typing import Any
 import torch
 
 from compactor.catalogue import EXPORTERS
-from worker.compression.context import is_memory_exhaustion
+from worker.compression.context import first_line, is_memory_exhaustion
 from worker.compression.export import _max_abs_diff, _write_atomically, quiet_export
 from worker.compression.exporters.base import Exported
 from worker.compression.trial import Trial, Workbench
 
 _RELATIVE_TOLERANCE = 1e-4
 _MAX_BATCH = 4096
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:240]
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -54,7 +49,7 @@ class ExportedProgramExporter:
         except Exception as error:  # torch.export fails in many ways on what it cannot capture
             if is_memory_exhaustion(error):
                 raise
-            bench.ctx.warn(f"no model.pt2: torch.export cannot capture the compressed model ({type(error).__name__}: {_first_line(error)})")
+            bench.ctx.warn(f"no model.pt2: torch.export cannot capture the compressed model ({type(error).__name__}: {first_line(error, 240)})")
             return None
         saved = _write_atomically(path, lambda handle: torch.export.save(program, handle))
         check_batch = torch.randn([3, *bench.example.shape[1:]], generator=torch.Generator().manual_seed(0))
