@@ -241,8 +241,11 @@ def _run_child(conn: Connection, body: dict[str, Any]) -> None:
     from compactor.spec import parse_spec
     from worker.compression.pipeline import compress_files
 
-    if body["threads"]:
-        torch.set_num_threads(int(body["threads"]))
+    # Always, and before anything starts a thread: the first use of PyTorch's pthreadpool after a fork
+    # replaces the pool inherited from the fork server, and two threads' first uses race (one gets no
+    # pool and the child aborts with "Invalid thread pool!"; seen in CI when autograd's first backward
+    # started its engine thread). set_num_threads makes that first use here, on the only thread.
+    torch.set_num_threads(int(body["threads"]) if body["threads"] else torch.get_num_threads())
     spec = parse_spec(body["spec"])
     last = {"stage": "", "at": 0.0}
 
