@@ -52,9 +52,7 @@ TORCHVISION: list[tuple[str, dict[str, Any], int]] = [
     ("regnet_x_400mf", {}, 64),
     ("regnet_y_400mf", {}, 64),
     ("convnext_tiny", {}, 64),
-    # swin_t is not run: Torch-Pruning 1.6.1's get_all_groups multiplies index mappings through
-    # its window reshapes until the process holds 24 GB (the kernel killed the bench here).
-    # In the service the job child's memory limit stops it: memory_exhausted.
+    ("swin_t", {}, 64),
     ("vit_b_16", {"image_size": 64}, 64),
     ("maxvit_t", {}, 224),
 ]

@@ -267,3 +267,29 @@ def test_an_architecture_torch_pruning_cannot_trace_is_a_clear_refusal() -> None
     unstructured = spec.model_copy(update={"prune": spec.prune.model_copy(update={"granularity": "unstructured"})})
     result = compress(loaded, unstructured, None, benchmark=BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,)))
     assert result.metrics["compressed"]["nonzero_params"] < result.metrics["original"]["nonzero_params"]
+
+
+def test_a_dependency_walk_that_runs_away_is_stopped_before_it_takes_the_memory() -> None:
+    """swin_t's window partition makes Torch-Pruning's group walk multiply its indices by the window
+    size on every pass (2, 64, 2,048 ... 67 million): 24 GB and a killed worker before the bound.
+    Now it is a clear refusal, early, and Torch-Pruning is left as it was for the next job."""
+    import resource
+
+    import torch_pruning as tp
+
+    from compactor.spec import JobSpec
+    from worker.compression.loading import LoadedModel
+    from worker.compression.pipeline import BenchmarkOptions, compress
+
+    flatten_call = tp.dependency.index_mapping._FlattenIndexMapping.__call__
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=10).eval()
+    spec = JobSpec.model_validate({"model": {"input_shape": [1, 3, 64, 64]}, "prune": {"granularity": "channel", "amount": 0.3}})
+    loaded = LoadedModel(module=model, format="state_dict", scripted=False, arch="swin_t")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    with pytest.raises(UnsupportedCombination, match="ever more positions") as refused:
+        compress(loaded, spec, None, benchmark=BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,)))
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - peak_before
+    assert refused.value.field == "prune.granularity" and "window attention" in str(refused.value)
+    assert grown < 3 << 30, f"the walk was stopped only after the peak grew by {grown >> 20} MiB"
+    assert tp.dependency.index_mapping._FlattenIndexMapping.__call__ is flatten_call

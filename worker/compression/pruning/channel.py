@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
@@ -156,8 +156,8 @@ def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Depe
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     except Exception as error:  # Torch-Pruning fails in many ways on what it cannot trace
-        if is_memory_exhaustion(error):
-            raise  # the job's memory limit, reported as such, not the architecture
+        if is_memory_exhaustion(error) or isinstance(error, _IndexExplosion):
+            raise  # the job's memory limit, or the walk bound, each reported as such
         cause = str(error).splitlines()[0][:200] if str(error) else ""
         raise UnsupportedCombination(
             "channel pruning needs a dependency graph of the model, and Torch-Pruning could not build one for this "
@@ -166,6 +166,65 @@ def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Depe
             "or quantize without channel pruning",
             field="prune.granularity",
         ) from error
+
+
+# A dependency walk touches at most a few positions per weight of the largest layer (measured on the
+# zoo: at most 0.17 of the largest parameter's elements, vit_b_16), so 4x that plus a floor is far
+# beyond every real group and far below the 20-70 million indices at which swin_t and maxvit_t's
+# walks were stopped on their way to 24 GB.
+INDEX_BUDGET_PER_LARGEST_PARAMETER = 4
+INDEX_BUDGET_FLOOR = 1 << 20
+
+
+class _IndexExplosion(Exception):
+    def __init__(self, reached: int, budget: int) -> None:
+        super().__init__(f"{reached:,} channel positions in one group, beyond the budget of {budget:,}")
+        self.reached, self.budget = reached, budget
+
+
+@contextlib.contextmanager
+def _bounded_dependency_walks(model: nn.Module) -> Iterator[None]:
+    """Stop Torch-Pruning's group walks that run away, before they take the machine's memory.
+
+    Its reshape index mapping treats a reshape that folds spatial positions into the channel axis
+    (swin's and maxvit's window partitions) as a flatten, and each pass around the graph multiplies
+    the indices by the window size: 2, 64, 2,048 ... 67 million, 24 GB. Torch-Pruning 1.6 has no
+    bound of its own, so its two growth points (a flatten's expansion and a group's new dependency)
+    are bounded here, for the duration of one pruning call.
+    """
+    largest = max((parameter.numel() for parameter in model.parameters()), default=0)
+    budget = max(INDEX_BUDGET_FLOOR, INDEX_BUDGET_PER_LARGEST_PARAMETER * largest)
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    group = tp.dependency.group.Group
+    expand, add_dep = flatten.__call__, group.add_dep
+
+    def bounded_expand(self: Any, idxs: list[Any]) -> Any:
+        if not self.reverse and len(idxs) * self._stride > budget:
+            raise _IndexExplosion(len(idxs) * self._stride, budget)
+        return expand(self, idxs)
+
+    def bounded_add_dep(self: Any, dep: Any, idxs: list[Any]) -> None:
+        total = getattr(self, "_compactor_positions", 0) + len(idxs)
+        if total > budget:
+            raise _IndexExplosion(total, budget)
+        self._compactor_positions = total
+        add_dep(self, dep, idxs)
+
+    flatten.__call__, group.add_dep = bounded_expand, bounded_add_dep  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        flatten.__call__, group.add_dep = expand, add_dep  # type: ignore[method-assign]
+
+
+def _index_explosion_refused(error: _IndexExplosion) -> UnsupportedCombination:
+    return UnsupportedCombination(
+        "channel pruning could not group this architecture's channels: Torch-Pruning's dependency graph maps them "
+        f"through its reshapes into ever more positions ({error}; reshapes that fold spatial windows into the "
+        "channel axis, like swin's and maxvit's window attention, are the usual cause): use prune.granularity "
+        "'unstructured', or quantize without channel pruning",
+        field="prune.granularity",
+    )
 
 
 def _has_grouped_conv(group: tp.dependency.Group) -> bool:
@@ -337,8 +396,10 @@ def prune_channels(
 
     device = next(iter(model.parameters())).device
     modes = {module: module.training for module in model.modules()}
+    walks = contextlib.ExitStack()
     try:
         model.eval()
+        walks.enter_context(_bounded_dependency_walks(model))
         graph = _dependency_graph(model, example_inputs.to(device))
         importance = ElementScoreImportance(scores, model, graph)
         roots: list[tuple[nn.Module, Callable[..., nn.Module]]] = []
@@ -368,7 +429,10 @@ def prune_channels(
             report.channels_removed = _prune_groups_checked(model, example, plans, ctx)
             if report.channels_removed:
                 _check_still_runs(model, example)
+    except _IndexExplosion as error:
+        raise _index_explosion_refused(error) from error
     finally:
+        walks.close()
         for module, training in modes.items():
             module.training = training
     if report.channels_removed < wanted:
