@@ -102,9 +102,25 @@ def test_latency_structure_and_thread_count_restored(tiny_cnn) -> None:
     for per_batch in latency.values():
         assert set(per_batch) == {"batch_1", "batch_4"}
         for percentiles in per_batch.values():
-            assert set(percentiles) == {"p50", "p90"}
+            assert set(percentiles) == {"p50", "p90", "runs", "iqr_ms"}
             assert 0.0 < percentiles["p50"] <= percentiles["p90"]
     assert torch.get_num_threads() == threads_before
+
+
+def test_adaptive_timing_spends_its_budget_on_slow_models_only(tiny_cnn) -> None:
+    """A 0.2 s call stops after the minimum of 3 once its 0.5 s budget is spent; a fast model in
+    the same interleaved rounds still gets every one of its 30 runs."""
+    import time
+
+    def slow(inputs: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.2)
+        return inputs
+
+    latency = measure_latency({"slow": slow, "fast": tiny_cnn}, [1, 1, 8, 8], batch_sizes=(1,), threads=1, warmup=5, runs=30, budget_s=0.5)
+
+    assert latency["slow"]["batch_1"]["runs"] == 3
+    assert latency["slow"]["batch_1"]["p50"] >= 200.0
+    assert latency["fast"]["batch_1"]["runs"] == 30
 
 
 def test_latency_rejects_nonsense_settings(tiny_cnn) -> None:

@@ -180,8 +180,15 @@ def measure_latency(
     runs: int,
     quantized_engine: str | None = None,
     seed: int = 0,
+    budget_s: float | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Latency percentiles in milliseconds: ``{name: {"batch_1": {"p50", "p90"}, "batch_32": {...}}}``.
+    """Latency percentiles in milliseconds: ``{name: {"batch_1": {"p50", "p90", "runs", "iqr_ms"}, ...}}``.
+
+    ``runs`` is the most timed calls per model and batch size. With ``budget_s`` the timing is
+    adaptive: a model stops early once it has spent ``budget_s`` seconds at that batch size (after
+    at least ``MIN_RUNS_ON_BUDGET`` calls), or once its median is known within
+    ``MEDIAN_PRECISION`` (95% confidence, after ``MIN_RUNS_FOR_PRECISION`` calls), and warm-up
+    stops at half the budget. A 2.8 s call is then timed 3 times, not 30; a 1 ms call still 30.
 
     ``input_shape`` is one batch's shape, batch first; the batch dimension is
     replaced by each of ``batch_sizes``. All models see the same random input
@@ -217,29 +224,63 @@ def measure_latency(
         with engine, torch.inference_mode():
             for batch_size in batch_sizes:
                 inputs = torch.randn([int(batch_size), *input_shape[1:]], generator=generator).to(target)
-                for _ in range(warmup):
-                    for name in names:
+                for name in names:
+                    warmup_started = time.perf_counter()
+                    for _ in range(warmup):
                         _run_timed_call(models[name], inputs, name, batch_size)
-                synchronize()
+                        synchronize()
+                        if budget_s is not None and time.perf_counter() - warmup_started >= budget_s / 2:
+                            break
                 timings: dict[str, list[float]] = {name: [] for name in names}
-                for round_index in range(runs):
-                    order = names if round_index % 2 == 0 else names[::-1]
+                active = list(names)
+                round_index = 0
+                while active:
+                    order = active if round_index % 2 == 0 else active[::-1]
                     for name in order:
                         synchronize()
                         start = time.perf_counter()
                         _run_timed_call(models[name], inputs, name, batch_size)
                         synchronize()
                         timings[name].append((time.perf_counter() - start) * 1000.0)
+                    active = [name for name in active if not _timed_enough(timings[name], runs, budget_s)]
+                    round_index += 1
                 for name in names:
                     samples = np.asarray(timings[name])
+                    q25, q75 = np.percentile(samples, [25, 75])
                     results[name][f"batch_{batch_size}"] = {
                         "p50": float(np.percentile(samples, 50)),
                         "p90": float(np.percentile(samples, 90)),
+                        "runs": len(samples),
+                        "iqr_ms": float(q75 - q25),
                     }
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous_threads)
     return results
+
+
+MIN_RUNS_ON_BUDGET = 3
+MIN_RUNS_FOR_PRECISION = 10
+MEDIAN_PRECISION = 0.02  # the 95% interval's half-width, as a share of the median
+_PRECISION_FLOOR_S = 0.2  # below this much timing, 30 runs cost less than deciding to stop
+
+
+def _timed_enough(samples_ms: list[float], max_runs: int, budget_s: float | None) -> bool:
+    count = len(samples_ms)
+    if count >= max_runs:
+        return True
+    if budget_s is None:
+        return False
+    spent_s = sum(samples_ms) / 1000.0
+    if count >= MIN_RUNS_ON_BUDGET and spent_s >= budget_s:
+        return True
+    if count < MIN_RUNS_FOR_PRECISION or spent_s < _PRECISION_FLOOR_S:
+        return False
+    samples = np.asarray(samples_ms)
+    median = float(np.median(samples))
+    # The median's standard error from the median absolute deviation (robust to the odd slow call).
+    half_width = 1.96 * 1.2533 * 1.4826 * float(np.median(np.abs(samples - median))) / np.sqrt(count)
+    return half_width <= MEDIAN_PRECISION * median
 
 
 def _run_timed_call(model: Callable[[torch.Tensor], Any], inputs: torch.Tensor, name: str, batch_size: int) -> None:
