@@ -13,7 +13,8 @@
 # Choice for the gateway: docker-compose.yml builds the `gateway` target instead. The gateway
 # never imports torch (launcher/cli.py and service/ are torch-free: uploads are checked with
 # pickletools and zip/npy headers, jobs go to the workers by Celery task name), so its image
-# leaves out torch, torchvision, torch-pruning, safetensors and timm: a few hundred MB instead of
+# leaves out torch, torchvision, torch-pruning, safetensors, timm, onnx, onnxscript and
+# onnxruntime: a few hundred MB instead of
 # several GB, faster to pull and restart, and far less code in the one container that faces the
 # network. Same source, same pins for everything else: deploy/requirements.py splits
 # pyproject.toml's dependency list (one source of truth), the project itself is installed with

@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, get_args
 
 from compactor.jobs import Stage
+from compactor.spec import ArtifactName
 
 
 class _HasName(Protocol):
@@ -79,6 +80,14 @@ class ExporterFacts:
     # builder the user already has).
     needs_original_architecture: bool
     summary: str
+    # The runtime the benchmark runs it in (the report's ``runtimes`` table); None: not runnable alone.
+    runtime: str | None = None
+    # "fp32", "int8", or "as_quantized" (INT8 where the job quantizes, else float).
+    precision: str = "fp32"
+    # Written only when the job quantizes (an INT8 form of its own).
+    needs_quantization: bool = False
+    # Always written, whatever spec.artifacts lists: the reference artifact every job hands back.
+    always: bool = False
 
 
 def _index(*entries: _Named) -> Mapping[str, _Named]:
@@ -155,6 +164,9 @@ EXPORTERS: Mapping[str, ExporterFacts] = _index(
         artifact="model.ts",
         needs_original_architecture=False,
         summary="the compressed model (INT8 where quantized), loadable with torch.jit.load alone",
+        runtime="torchscript",
+        precision="as_quantized",
+        always=True,
     ),
     ExporterFacts(
         "state_dict",
@@ -167,12 +179,32 @@ EXPORTERS: Mapping[str, ExporterFacts] = _index(
         artifact="model.pt2",
         needs_original_architecture=False,
         summary="the compressed float model as a torch.export program, loadable with torch.export.load alone",
+        runtime="torch.export",
+    ),
+    ExporterFacts(
+        "onnx",
+        artifact="model.onnx",
+        needs_original_architecture=False,
+        summary="the compressed float model as ONNX (dynamic batch), for ONNX Runtime and other ONNX runtimes",
+        runtime="onnxruntime",
+    ),
+    ExporterFacts(
+        "onnx_int8",
+        artifact="model.int8.onnx",
+        needs_original_architecture=False,
+        summary="the compressed model quantized by ONNX Runtime's own quantizer, on the job's calibration batches",
+        runtime="onnxruntime",
+        precision="int8",
+        needs_quantization=True,
     ),
 )
 
 # What a job hands back: the exporters' artifacts and the report.
 REPORT_ARTIFACT = "report.json"
 ARTIFACT_NAMES: frozenset[str] = frozenset({facts.artifact for facts in EXPORTERS.values()} | {REPORT_ARTIFACT})
+
+if set(get_args(ArtifactName)) != {facts.artifact for facts in EXPORTERS.values()}:  # pragma: no cover
+    raise RuntimeError("compactor.spec.ArtifactName and the exporters' artifacts differ")
 
 if set(STAGES) != set(Stage):  # pragma: no cover - a Stage member without facts is a bug here
     raise RuntimeError(f"stages without facts: {sorted(set(Stage) - set(STAGES))}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compactor.catalogue import CRITERIA, MODEL_FORMATS
+from compactor.catalogue import CRITERIA, EXPORTERS, MODEL_FORMATS
 from compactor.errors import InvalidSpec, UnsupportedCombination
 from compactor.spec import JobSpec
 
@@ -71,6 +71,26 @@ def check_compatibility(model_format: str | None, spec: JobSpec, dataset: Datase
                 field="finetune",
             )
     # Fine-tuning on a dataset without targets is allowed: the worker distils from the original model.
+    _check_artifacts(spec)
+
+
+def _check_artifacts(spec: JobSpec) -> None:
+    """An artifact asked for by name must be one this job can have."""
+    by_artifact = {facts.artifact: facts for facts in EXPORTERS.values()}
+    for index, artifact in enumerate(spec.artifacts or ()):
+        facts = by_artifact[artifact]
+        if facts.needs_quantization and spec.quantize is None:
+            raise UnsupportedCombination(
+                f"{artifact} is the INT8 form of the compressed model, and this spec does not quantize: "
+                "add a 'quantize' section, or leave it out of 'artifacts'",
+                field=f"artifacts.{index}",
+            )
+        if facts.needs_original_architecture and spec.prune is not None and spec.prune.granularity == "channel":
+            raise UnsupportedCombination(
+                f"{artifact} holds weights for the original architecture, and channel pruning changes it: ask for "
+                "model.pt2 or model.onnx (they carry the new architecture), or leave it out of 'artifacts'",
+                field=f"artifacts.{index}",
+            )
 
 
 def channel_pruning_refused(model_format: str | None) -> str:

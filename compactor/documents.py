@@ -30,6 +30,8 @@ class _Open(BaseModel):
 class Percentiles(_Open):
     p50: float = Field(description="Median latency, milliseconds.")
     p90: float | None = None
+    runs: int | None = Field(default=None, description="Timed calls (adaptive: fewer for slow models).")
+    iqr_ms: float | None = Field(default=None, description="Interquartile range of the timed calls, milliseconds.")
 
 
 class Latency(_Open):
@@ -61,8 +63,43 @@ class Ratios(_Open):
     params: float | None = None
     nonzero_params: float | None = None
     macs: float | None = None
-    speedup_batch_1: float | None = None
-    speedup_batch_32: float | None = None
+    speedup_batch_1: float | None = Field(
+        default=None,
+        description="The recommended artifact in its runtime against the original in the original's fastest runtime (TorchScript or ONNX Runtime).",
+    )
+    speedup_batch_32: float | None = Field(default=None, description="As speedup_batch_1, at batch 32.")
+    speedup_same_runtime_batch_1: float | None = Field(default=None, description="The recommended artifact against the original in the same runtime.")
+    speedup_same_runtime_batch_32: float | None = None
+
+
+class RuntimeRow(_Open):
+    """One model in one runtime, timed in the same process as every other row."""
+
+    model: str = Field(description="'original' or 'compressed'.")
+    artifact: str | None = Field(default=None, description="The artifact file; null for the original.")
+    runtime: str = Field(examples=["torchscript", "onnxruntime", "torch.export"])
+    precision: str = Field(examples=["fp32", "int8"])
+    size_bytes: int | None = None
+    latency_ms: dict[str, Percentiles] = Field(default_factory=dict, description="By batch size: batch_1, batch_32.")
+    accuracy: Accuracy | None = None
+    top1_agreement: float | None = Field(default=None, description="Share of validation inputs where it predicts the original's class.")
+    speedup_same_runtime: dict[str, float | None] | None = None
+    speedup_vs_best_original: dict[str, float | None] | None = None
+
+
+class Recommendation(_Open):
+    """The fastest artifact within the accuracy budget at one batch size."""
+
+    artifact: str
+    runtime: str
+    precision: str | None = None
+    p50_ms: float | None = None
+    speedup: float | None = Field(default=None, description="Against the original in its fastest runtime.")
+    speedup_same_runtime: float | None = None
+    accuracy_floor: float | None = Field(
+        default=None,
+        description="Lowest top-1 (or agreement, without targets) an artifact needed: the target's budget, else the best less 0.5 point.",
+    )
 
 
 class Fidelity(_Open):
@@ -127,12 +164,27 @@ class QuantizationSummary(_Open):
     float_layers: list[FloatLayer] = Field(default_factory=list, description="Layers left in FP32, and why.")
 
 
+class QuantizedForm(_Open):
+    form: str
+    p50_ms: dict[str, float] | None = Field(default=None, description="Probe latency by batch size (batch_1, batch_8).")
+    error: str | None = None
+
+
 class ExportCheck(_Open):
     ok: bool | None = None
     max_abs_diff: float | None = None
     tolerance: float | None = None
     quantized: bool | None = None
-    int8: bool | None = Field(default=None, description="model.pt2 only: false, it holds the float compressed model.")
+    int8: bool | None = Field(default=None, description="model.pt2 and model.onnx: false (the float compressed model); model.int8.onnx: true.")
+    # model.int8.onnx: ONNX Runtime's quantizer, the form it kept and every form it timed.
+    quantizer: str | None = None
+    mode: str | None = None
+    form: str | None = Field(default=None, description="model.int8.onnx: the fastest INT8 form on the worker's CPU, e.g. 'qdq_u8s8'.")
+    per_channel: bool | None = None
+    calibration_batches: int | None = None
+    max_abs_diff_vs_float: float | None = None
+    output_scale: float | None = None
+    candidates: list[QuantizedForm] = Field(default_factory=list)
 
 
 class Structure(_Open):
@@ -173,6 +225,8 @@ class Report(_Open):
     compressed: ModelFigures | None = None
     ratios: Ratios | None = None
     fidelity: Fidelity | None = None
+    runtimes: list[RuntimeRow] = Field(default_factory=list, description="The original and every artifact, each in its runtime.")
+    recommended: dict[str, Recommendation] = Field(default_factory=dict, description="By batch size: what to deploy.")
     layers: list[LayerRow] = Field(default_factory=list)
     stages: list[StageTime] = Field(default_factory=list, description="Wall-clock seconds per stage.")
     search: Search | None = Field(default=None, description="The target search's points; null without a target.")

@@ -139,6 +139,10 @@ QuantizeSpec = Annotated[
 ]
 
 
+# The exporters' artifacts (compactor/catalogue.py EXPORTERS); report.json always comes too.
+ArtifactName = Literal["model.ts", "model.pt", "model.pt2", "model.onnx", "model.int8.onnx"]
+
+
 class TargetSpec(_Section):
     max_accuracy_drop: float = Field(ge=0.0, le=1.0, description="Largest allowed drop of validation top-1, as a fraction (0.01 = 1 point).")
     max_trials: int = Field(default=6, ge=2, le=20)
@@ -186,6 +190,15 @@ class JobSpec(_Section):
     target: TargetSpec | None = None
     device: DeviceName = "auto"
     notify: NotifySpec | None = None
+    artifacts: list[ArtifactName] | None = Field(
+        default=None,
+        max_length=8,
+        description=(
+            "Which artifacts to write; omitted: every one that applies. model.ts and report.json are always "
+            "written (model.ts is the reference every figure is checked against)."
+        ),
+        examples=[["model.ts", "model.onnx", "model.int8.onnx"]],
+    )
 
     @model_validator(mode="after")
     def _target_needs_prune(self) -> JobSpec:

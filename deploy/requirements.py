@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 # Imported by the worker only (worker/compression/); compactor/ and service/ never import them.
-TORCH_STACK = frozenset({"torch", "torchvision", "torch-pruning", "safetensors", "timm"})
+TORCH_STACK = frozenset({"torch", "torchvision", "torch-pruning", "safetensors", "timm", "onnx", "onnxscript", "onnxruntime"})
 
 
 def normalize(name: str) -> str:

@@ -46,6 +46,9 @@ TORCH_STACK_MODULES = {
     "torch-pruning": "torch_pruning",
     "timm": "timm",
     "safetensors": "safetensors",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
 }
 ENV_PREFIX = "COMPACTOR_"
 

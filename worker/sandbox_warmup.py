@@ -42,15 +42,18 @@ def warm_up() -> float:
             nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
         ).eval()
         data = synthetic_data([1, 1, 8, 8], num_samples=32, seed=0)
-        quick = BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,), threads=1)
+        # No ONNX export or ONNX Runtime session here: they start native threads (the fork server
+        # must fork with one thread) and cost seconds; jobs import them after the fork.
+        quick = BenchmarkOptions(warmup=1, runs=1, batch_sizes=(1,), threads=1, onnx_baseline=False)
         specs = (
             {
                 "model": {"input_shape": [1, 1, 8, 8]},
                 "device": "cpu",
                 "prune": {"amount": 0.25},
                 "quantize": {"mode": "static", "calibration_batches": 1},
+                "artifacts": ["model.ts", "model.pt2"],
             },
-            {"model": {"input_shape": [1, 1, 8, 8]}, "device": "cpu", "quantize": {"mode": "dynamic"}},
+            {"model": {"input_shape": [1, 1, 8, 8]}, "device": "cpu", "quantize": {"mode": "dynamic"}, "artifacts": ["model.ts", "model.pt"]},
         )
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="compactor-warmup-") as out:
             warnings.simplefilter("ignore")

@@ -12,17 +12,10 @@ import torch
 from compactor.errors import InvalidSpec
 from compactor.spec import JobSpec
 from tests.support.models import top1
-from worker.compression.data import Dataset, split_dataset
 from worker.compression.pipeline import BenchmarkOptions, compress
 
 QUICK = BenchmarkOptions(warmup=2, runs=5)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
-
-
-@pytest.fixture(scope="module")
-def digits_split(digits):
-    train_x, train_y, _, _ = digits
-    return split_dataset(Dataset(inputs=train_x, targets=train_y), 0.2, 0)
 
 
 @needs_cuda

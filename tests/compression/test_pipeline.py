@@ -16,19 +16,12 @@ from compactor.errors import Cancelled, CompactorError
 from compactor.jobs import Stage
 from compactor.spec import JobSpec
 from tests.support.models import TinyCNN, top1
-from worker.compression.data import Dataset, split_dataset
 from worker.compression.loading import LoadedModel, load_model
 from worker.compression.pipeline import BenchmarkOptions, compress, compress_files
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 QUICK = BenchmarkOptions(warmup=1, runs=3)
-
-
-@pytest.fixture(scope="module")
-def digits_split(digits):
-    train_x, train_y, _, _ = digits
-    return split_dataset(Dataset(inputs=train_x, targets=train_y), 0.2, 0)
 
 
 def _spec(**sections) -> JobSpec:

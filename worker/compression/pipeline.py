@@ -41,6 +41,7 @@ from worker.compression.loading import LoadedModel, LoadLimits, load_model
 from worker.compression.passes import Segment, build_passes, planned_segments, run_trial
 from worker.compression.progress import ProgressPlan
 from worker.compression.report import Measurements, build_report
+from worker.compression.runtimes import measure_runtimes
 from worker.compression.search import search, trial_segments
 from worker.compression.trial import StageClock, Trial, Workbench, clone, resolve_device
 
@@ -53,6 +54,10 @@ class BenchmarkOptions:
     runs: int = 30
     batch_sizes: tuple[int, ...] = (1, 32)
     threads: int | None = None  # None: the process's current torch thread count
+    # Seconds of timing per model and batch size before a slow model stops early (None: always ``runs``).
+    budget_s: float | None = 1.5
+    # Time the original in ONNX Runtime too (the baseline a user who skips Compactor would deploy).
+    onnx_baseline: bool = True
 
 
 @dataclass
@@ -183,7 +188,7 @@ def compress(
         # The baseline every figure is compared with: the original, compiled the same way.
         original_ts = to_torchscript(clone(module), example)
         exported: dict[str, Exported] = {}
-        for exporter in exporters_for(trial):
+        for exporter in exporters_for(trial, spec.artifacts):
             result = exporter.export(trial, bench, work_dir)
             if result is not None:
                 exported[result.artifact] = result
@@ -198,14 +203,27 @@ def compress(
 
     with bench.stage(Stage.benchmark):
         threads = benchmark.threads or torch.get_num_threads()
-        latency, cuda_latency = _benchmark(bench, trial, original_ts, deployable_file.runnable, benchmark, threads)
+        runtimes = measure_runtimes(
+            bench,
+            trial,
+            original_ts,
+            exported,
+            batch_sizes=benchmark.batch_sizes,
+            threads=threads,
+            warmup=benchmark.warmup,
+            runs=benchmark.runs,
+            budget_s=benchmark.budget_s,
+            quantized_engine=quantized_engine(trial),
+            onnx_baseline=benchmark.onnx_baseline,
+        )
+        cuda_latency = _cuda_benchmark(bench, trial, benchmark, threads)
 
     plan.report(Stage.benchmark, 1.0)
     measured = Measurements(
         original_accuracy=original_accuracy,
         original_size_bytes=measure.torchscript_size(original_ts),
         compressed_size_bytes=deployable_file.saved.size_bytes,
-        latency=latency,
+        runtimes=runtimes,
         cuda_latency=cuda_latency,
         fidelity=fidelity,
         search=search_summary,
@@ -225,38 +243,27 @@ def compress(
     return CompressionResult(model=trial.deployable, torchscript=deployable_file.runnable, metrics=metrics, artifacts=artifacts)
 
 
-def _benchmark(
-    bench: Workbench,
-    trial: Trial,
-    original_ts: torch.jit.ScriptModule,
-    compressed_ts: torch.jit.ScriptModule,
-    options: BenchmarkOptions,
-    threads: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Latency of the original and the compressed artifact on the CPU, and on the GPU where the job ran there."""
+def _cuda_benchmark(bench: Workbench, trial: Trial, options: BenchmarkOptions, threads: int) -> dict[str, Any]:
+    """Latency of the original and the compressed float model on the GPU, where the job ran there."""
     device = bench.ctx.device
-
-    def timed(models: dict[str, Any], on: str, engine: str | None = None) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    models: dict[str, Any] = {"original": bench.original_on(device)}
+    if trial.runs_on is None:  # an INT8 deployable runs where its quantizer said: not here
+        models["compressed"] = trial.float_model.to(device).eval()
+    try:
         return measure.measure_latency(
             models,
             bench.input_shape,
             batch_sizes=options.batch_sizes,
-            device=on,
+            device=device,
             threads=threads,
             warmup=options.warmup,
             runs=options.runs,
-            quantized_engine=engine,
+            budget_s=options.budget_s,
         )
-
-    latency = timed({"original": original_ts, "compressed": compressed_ts}, "cpu", quantized_engine(trial))
-    cuda_latency: dict[str, Any] = {}
-    if device.type == "cuda":
-        cuda_models: dict[str, Any] = {"original": bench.original_on(device)}
-        if trial.runs_on is None:  # an INT8 deployable runs where its quantizer said: not here
-            cuda_models["compressed"] = trial.float_model.to(device).eval()
-        cuda_latency = timed(cuda_models, "cuda")
+    finally:
         trial.float_model.to("cpu")
-    return latency, cuda_latency
 
 
 def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:

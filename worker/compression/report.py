@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from worker.compression import measure
+from worker.compression.runtimes import ORIGINAL, add_speedups, recommend
 from worker.compression.trial import Trial, Workbench
 
 
@@ -30,7 +31,8 @@ class Measurements:
     original_accuracy: dict[str, float] | None
     original_size_bytes: int
     compressed_size_bytes: int
-    latency: dict[str, Any]
+    # measure_runtimes's rows: the original and every artifact, each in its runtime.
+    runtimes: list[dict[str, Any]]
     cuda_latency: dict[str, Any]
     fidelity: dict[str, float]
     search: dict[str, Any] | None
@@ -45,13 +47,42 @@ class Measurements:
     artifact_checks: dict[str, Any] = field(default_factory=dict)
 
 
+def _slower_warning(recommended: dict[str, Any], best_original: dict[str, float]) -> str | None:
+    slower = [
+        f"batch {key.removeprefix('batch_')} (the fastest artifact, {choice['artifact']} in {choice['runtime']}, "
+        f"{choice['p50_ms']:.3f} ms p50, against the original's {best_original[key]:.3f} ms)"
+        for key, choice in recommended.items()
+        if choice["speedup"] is not None and choice["speedup"] < 1.0
+    ]
+    if not slower:
+        return None
+    return (
+        "nothing faster than the original was found at "
+        + " and ".join(slower)
+        + " on this CPU: deploy the original for speed at that batch size; INT8 and pruning overheads "
+        "can outweigh their savings on small inputs and depthwise layers"
+    )
+
+
 def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Measurements) -> dict[str, Any]:
     """The job's report (``report.json``, the job document's ``metrics``)."""
     spec = bench.spec
     example = bench.example
     ctx = bench.ctx
     original_accuracy = measured.original_accuracy
-    latency, cuda_latency = measured.latency, measured.cuda_latency
+    cuda_latency = measured.cuda_latency
+    runtimes = measured.runtimes
+    best_original = add_speedups(runtimes)
+    # original/compressed latency_ms stay TorchScript's (model.ts against the original compiled alike).
+    latency = {
+        "original": next(row["latency_ms"] for row in runtimes if row["model"] == ORIGINAL and row["runtime"] == "torchscript"),
+        "compressed": next(row["latency_ms"] for row in runtimes if row["artifact"] == "model.ts"),
+    }
+    recommended = recommend(
+        runtimes,
+        original_top1=original_accuracy["top1"] if original_accuracy else None,
+        max_accuracy_drop=spec.target.max_accuracy_drop if spec.target is not None else None,
+    )
     params, nonzero = measure.count_parameters(module)
     c_params, c_nonzero = measure.count_parameters(trial.float_model)
     macs_original = measure.count_macs(module, example)
@@ -88,16 +119,14 @@ def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Me
         "macs": _ratio(macs_compressed, macs_original),
     }
     warnings = list(ctx.warnings)
-    for key, values in latency["original"].items():
+    for key, choice in recommended.items():
         batch = key.removeprefix("batch_")
-        speedup = _ratio(values["p50"], latency["compressed"][key]["p50"])
-        ratios[f"speedup_batch_{batch}"] = speedup
-        if speedup is not None and speedup < 1.0:
-            warnings.append(
-                f"the compressed model is slower than the original at batch {batch} on this CPU "
-                f"({latency['compressed'][key]['p50']:.3f} ms vs {values['p50']:.3f} ms p50): "
-                "INT8 and pruning overheads can outweigh the savings on small inputs"
-            )
+        ratios[f"speedup_batch_{batch}"] = choice["speedup"]
+        ratios[f"speedup_same_runtime_batch_{batch}"] = choice["speedup_same_runtime"]
+    slower = _slower_warning(recommended, best_original)
+    if slower is not None:
+        # First, and plainly: nobody should deploy a model slower than the one uploaded unknowingly.
+        warnings.insert(0, slower)
 
     notes: list[str] = list(measured.notes)
     if spec.prune is not None and spec.prune.granularity == "unstructured":
@@ -138,6 +167,8 @@ def build_report(bench: Workbench, module: nn.Module, trial: Trial, measured: Me
         "compressed": compressed,
         "ratios": ratios,
         "fidelity": measured.fidelity,
+        "runtimes": runtimes,
+        "recommended": recommended,
         "layers": layers,
         "stages": bench.clock.as_list(),
         "search": measured.search,

@@ -127,6 +127,11 @@ class Workbench:
 
         return source
 
+    def calibration_batches(self, device: torch.device | None = None) -> BatchSource:
+        """The batches INT8 calibration sees: one fixed shuffled pass, so every quantizer of the job
+        (torch.ao's and ONNX Runtime's) calibrates on the same inputs."""
+        return self.data.batches("train", self.batch_size, shuffle=True, seed=self.spec.data.seed, device=device)
+
     def val_batches(self, device: torch.device | None = None) -> BatchSource:
         return self.data.batches("val", self.batch_size, device=device)
 

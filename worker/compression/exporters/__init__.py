@@ -13,9 +13,12 @@ here and its ``register_exporter`` line below.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from compactor.catalogue import EXPORTERS as EXPORTER_FACTS
 from compactor.catalogue import ExporterFacts
 from worker.compression.exporters.base import Exported, Exporter
+from worker.compression.exporters.onnx import OnnxExporter, OnnxInt8Exporter
 from worker.compression.exporters.pt2 import ExportedProgramExporter
 from worker.compression.exporters.state_dict import StateDictExporter
 from worker.compression.exporters.torchscript import TorchScriptExporter
@@ -34,17 +37,24 @@ def registered_exporters() -> dict[str, Exporter]:
     return dict(_EXPORTERS)
 
 
-def _applies(facts: ExporterFacts, trial: Trial) -> bool:
-    return not (facts.needs_original_architecture and trial.architecture_changed)
+def _applies(facts: ExporterFacts, trial: Trial, wanted: Collection[str] | None) -> bool:
+    if facts.needs_original_architecture and trial.architecture_changed:
+        return False
+    if facts.needs_quantization and trial.quantization is None:
+        return False
+    return facts.always or wanted is None or facts.artifact in wanted
 
 
-def exporters_for(trial: Trial) -> list[Exporter]:
-    """The exporters whose artifact this trial can have, in catalogue order."""
-    return [_EXPORTERS[name] for name, facts in EXPORTER_FACTS.items() if _applies(facts, trial)]
+def exporters_for(trial: Trial, wanted: Collection[str] | None = None) -> list[Exporter]:
+    """The exporters whose artifact this trial can have, in catalogue order; ``wanted`` (the spec's
+    ``artifacts``) narrows them, None meaning all that apply."""
+    return [_EXPORTERS[name] for name, facts in EXPORTER_FACTS.items() if _applies(facts, trial, wanted)]
 
 
 register_exporter(TorchScriptExporter())
 register_exporter(StateDictExporter())
 register_exporter(ExportedProgramExporter())
+register_exporter(OnnxExporter())
+register_exporter(OnnxInt8Exporter())
 
 __all__ = ["Exported", "Exporter", "exporters_for", "register_exporter", "registered_exporters"]

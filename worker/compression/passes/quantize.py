@@ -29,7 +29,7 @@ class QuantizePass:
                 clone(model),
                 self.section,
                 example_inputs=bench.example,
-                calibration=bench.train_batches(torch.device("cpu")),
+                calibration=bench.calibration_batches(torch.device("cpu")),
                 ctx=bench.ctx,
             )
         trial.deployable = result.model
