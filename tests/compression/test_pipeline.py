@@ -74,8 +74,9 @@ def test_channel_prune_finetune_int8_keeps_accuracy_and_shrinks(tiny_cnn, digits
     assert head["channels_after"] == head["channels_before"] == 10
     assert metrics["quantization"]["mode"] == "static"
     assert metrics["environment"]["cpu_threads"] >= 1
-    # artifacts on disk: model.ts, model.pt2 and report.json; no model.pt since the architecture changed
-    assert set(result.artifacts) == {"model.ts", "model.pt2", "report.json"}
+    # every artifact by default: TorchScript, torch.export, ONNX float and INT8, and the report;
+    # no model.pt since the architecture changed
+    assert set(result.artifacts) == {"model.ts", "model.pt2", "model.onnx", "model.int8.onnx", "report.json"}
     assert json.loads((tmp_path / "report.json").read_text())["ratios"] == metrics["ratios"]
     assert _load_in_fresh_process(tmp_path / "model.ts", [3, 1, 8, 8]) == [3, 10]
     # model.pt2 is the float compressed model (torch.export cannot carry torch.ao's INT8 weights), and says so.
