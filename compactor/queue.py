@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from celery import Celery
 
+from compactor.fs_broker import TRANSPORT_PATH
 from compactor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     return {
         "broker_url": url,
+        # The filesystem transport with atomic message writes (compactor/fs_broker.py says why).
+        **({"broker_transport": TRANSPORT_PATH} if is_filesystem_broker(url) else {}),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "result_backend": None,
