@@ -711,6 +711,9 @@ function renderReport(job) {
   const sections = [];
   if (metrics) {
     sections.push(section("Before and after", "metrics-section", metricsTable(metrics)));
+    if (metrics.runtimes?.length) {
+      sections.push(section("Runtimes: what to deploy", "runtimes-section", recommendationList(metrics), runtimesTable(metrics)));
+    }
     if (metrics.fidelity) sections.push(section("Fidelity to the original", "fidelity-section", fidelityList(metrics.fidelity)));
     if (metrics.search?.points?.length) {
       sections.push(section("Accuracy vs. sparsity (target search)", "search-section", searchChart(metrics), searchTable(metrics.search)));
@@ -741,8 +744,9 @@ const METRIC_ROWS = [
   { name: "Non-zero parameters", value: (m) => m.nonzero_params, format: fmtCount, change: (o, c, r) => fmtRatio(r.nonzero_params) },
   { name: "Size (TorchScript file)", value: (m) => m.size_bytes, format: fmtBytes, change: (o, c, r) => fmtRatio(r.size) },
   { name: "MACs per sample", value: (m) => m.macs, format: fmtCount, change: (o, c, r) => fmtRatio(r.macs) },
-  { name: "CPU latency, batch 1 (p50)", value: (m) => m.latency_ms?.cpu?.batch_1?.p50, format: fmtMs, change: (o, c, r) => fmtSpeedup(r.speedup_batch_1) },
-  { name: "CPU latency, batch 32 (p50)", value: (m) => m.latency_ms?.cpu?.batch_32?.p50, format: fmtMs, change: (o, c, r) => fmtSpeedup(r.speedup_batch_32) },
+  // Both TorchScript (model.ts against the original compiled alike); the runtime table has the rest.
+  { name: "CPU latency, batch 1 (p50, TorchScript)", value: (m) => m.latency_ms?.cpu?.batch_1?.p50, format: fmtMs, change: (o, c) => fmtSpeedup(o / c) },
+  { name: "CPU latency, batch 32 (p50, TorchScript)", value: (m) => m.latency_ms?.cpu?.batch_32?.p50, format: fmtMs, change: (o, c) => fmtSpeedup(o / c) },
   { name: "GPU latency, batch 1 (p50)", value: (m) => m.latency_ms?.cuda?.batch_1?.p50, format: fmtMs, change: (o, c) => fmtSpeedup(o / c) },
   { name: "GPU latency, batch 32 (p50)", value: (m) => m.latency_ms?.cuda?.batch_32?.p50, format: fmtMs, change: (o, c) => fmtSpeedup(o / c) },
   { name: "Top-1 accuracy", value: (m) => m.accuracy?.top1, format: (v) => fmtPercent(v), change: fmtPoints },
@@ -771,6 +775,59 @@ function metricsTable(metrics) {
     return [table, h("p", { class: "muted" }, "No accuracy: the job had no dataset with targets.")];
   }
   return table;
+}
+
+/** "batch_32" → "32"; the batch sizes the report's runtime rows were timed at, in order. */
+function batchSizes(metrics) {
+  const keys = new Set();
+  for (const row of metrics.runtimes) for (const key of Object.keys(row.latency_ms || {})) keys.add(key);
+  return [...keys].sort((a, b) => Number(a.slice(6)) - Number(b.slice(6)));
+}
+
+/** Per batch size: the recommended artifact and its speedup over the original deployed as well as it can be. */
+function recommendationList(metrics) {
+  const recommended = metrics.recommended || {};
+  const items = Object.entries(recommended).map(([key, choice]) => {
+    const batch = key.replace("batch_", "");
+    const speedup = isNumber(choice.speedup) ? fmtSpeedup(choice.speedup) : "no speedup measured";
+    return h("div", { "data-batch": batch },
+      h("dt", {}, `Batch ${batch}`),
+      h("dd", { class: isNumber(choice.speedup) && choice.speedup < 1 ? "slower" : null },
+        h("code", {}, choice.artifact), ` in ${choice.runtime}`, choice.precision ? ` (${choice.precision})` : "",
+        ` · ${fmtMs(choice.p50_ms)} · ${speedup} than the original in its fastest runtime`));
+  });
+  if (!items.length) return h("p", { class: "muted" }, "No artifact was timed.");
+  return h("dl", { id: "recommended", class: "facts" }, items);
+}
+
+/** The original and every artifact, each in its runtime, timed in one process; recommended rows marked. */
+function runtimesTable(metrics) {
+  const batches = batchSizes(metrics);
+  const recommended = metrics.recommended || {};
+  const accuracy = metrics.runtimes.some((row) => isNumber(row.accuracy?.top1));
+  const head = [["Model", false], ["Runtime", false], ["Size", true],
+    ...batches.map((key) => [`Batch ${key.slice(6)} p50`, true]),
+    ...(accuracy ? [["Top-1", true]] : []), ["Agreement", true],
+    ...batches.map((key) => [`vs. best original, batch ${key.slice(6)}`, true])];
+  return h("table", { id: "runtimes", class: "compact" },
+    tableHead(...head),
+    h("tbody", {}, metrics.runtimes.map((row) => {
+      const name = row.artifact || "original";
+      const chosenAt = Object.entries(recommended)
+        .filter(([, choice]) => choice.artifact === row.artifact && choice.runtime === row.runtime)
+        .map(([key]) => key.slice(6));
+      return h("tr", { "data-artifact": name, "data-runtime": row.runtime, class: chosenAt.length ? "recommended" : null },
+        h("td", {}, row.artifact ? h("code", {}, row.artifact) : "original (uploaded)",
+          chosenAt.length ? [" ", h("span", { class: "badge status-succeeded" }, `recommended at batch ${chosenAt.join(", ")}`)] : null),
+        h("td", {}, `${row.runtime} ${row.precision}`),
+        h("td", { class: "num" }, fmtBytes(row.size_bytes)),
+        ...batches.map((key) => h("td", { class: "num", title: row.latency_ms?.[key] ? `p90 ${fmtMs(row.latency_ms[key].p90)}` : null },
+          fmtMs(row.latency_ms?.[key]?.p50))),
+        accuracy ? h("td", { class: "num" }, fmtPercent(row.accuracy?.top1)) : null,
+        h("td", { class: "num" }, row.artifact ? fmtPercent(row.top1_agreement) : "—"),
+        ...batches.map((key) => h("td", { class: "num change" },
+          row.artifact ? fmtSpeedup(row.speedup_vs_best_original?.[key]) : "")));
+    })));
 }
 
 function fidelityList(fidelity) {

@@ -237,7 +237,29 @@ def test_the_page_follows_a_job_to_success_and_shows_its_report(
         assert table["Non-zero parameters"][:2] == [f"{original['nonzero_params']:,}", f"{compressed['nonzero_params']:,}"]
         assert table["Non-zero parameters"][2].startswith(f"×{metrics['ratios']['nonzero_params']:.2f}")
         assert table["Top-1 accuracy"][:2] == [f"{original['accuracy']['top1']:.1%}", f"{compressed['accuracy']['top1']:.1%}"]
-        assert {"Size (TorchScript file)", "MACs per sample", "CPU latency, batch 1 (p50)", "Top-5 accuracy"} <= set(table)
+        assert {"Size (TorchScript file)", "MACs per sample", "CPU latency, batch 1 (p50, TorchScript)", "Top-5 accuracy"} <= set(table)
+        # The TorchScript rows compare like with like; the headline speedup lives in the runtime table.
+        ts_b1 = original["latency_ms"]["cpu"]["batch_1"]["p50"] / compressed["latency_ms"]["cpu"]["batch_1"]["p50"]
+        assert table["CPU latency, batch 1 (p50, TorchScript)"][2] == (
+            f"{ts_b1:.2f}× faster" if ts_b1 >= 1 else f"{1 / ts_b1:.2f}× slower"
+        )
+
+        # The runtime table: the original and every artifact in its runtime, in the report's order,
+        # the recommended ones marked, each speedup against the original in its fastest runtime.
+        runtimes = metrics["runtimes"]
+        assert {row["runtime"] for row in runtimes if row["model"] == "original"} == {"torchscript", "onnxruntime"}
+        shown = tab.evaluate("""[...document.querySelectorAll('#runtimes tbody tr')].map(tr => ({
+          artifact: tr.dataset.artifact, runtime: tr.dataset.runtime, recommended: tr.classList.contains('recommended'),
+          cells: [...tr.cells].map(c => c.innerText.trim())}))""")
+        assert [(row["artifact"], row["runtime"]) for row in shown] == [(row["artifact"] or "original", row["runtime"]) for row in runtimes]
+        chosen = {(choice["artifact"], choice["runtime"]) for choice in metrics["recommended"].values()}
+        assert chosen and {(row["artifact"], row["runtime"]) for row in shown if row["recommended"]} == chosen
+        for row, cells in zip(runtimes, (row["cells"] for row in shown), strict=True):
+            speedup = (row.get("speedup_vs_best_original") or {}).get("batch_1")
+            if speedup is not None:
+                assert cells[-2] == (f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower"), cells
+        recommended = tab.evaluate("[...document.querySelectorAll('#recommended dd')].map(dd => dd.innerText)")
+        assert [text.split(" in ")[0] for text in recommended] == [choice["artifact"] for choice in metrics["recommended"].values()]
 
         layers = tab.evaluate(TABLE_ROWS.format(selector="#layers"))
         assert [row[0] for row in layers] == [layer["name"] for layer in metrics["layers"]]
