@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint faults sweep bench bench-core bench-service bench-confinement bench-zoo clean
+.PHONY: install serve test lint faults sweep bench bench-core bench-service bench-confinement bench-zoo bench-pt2e clean
 
 install: $(STAMP)
 
@@ -36,10 +36,16 @@ faults: install
 sweep: install
 	$(BIN)/python -m pytest -m sweep tests/compression/test_graph_check.py
 
-bench: bench-core bench-service bench-confinement bench-zoo sweep
+bench: bench-core bench-service bench-confinement bench-zoo bench-pt2e sweep
 
 bench-core: install
 	$(BIN)/python -m bench.core
+	$(BIN)/python -m bench.core --resnet50
+
+# PT2E + Inductor beside the FX INT8 path (torchao, the bench extra); writes bench/results/pt2e.md.
+bench-pt2e: install
+	$(BIN)/python -m pip install --quiet -e '.[service,test,bench]'
+	$(BIN)/python -m bench.pt2e
 
 bench-service: install
 	$(BIN)/python -m bench.service

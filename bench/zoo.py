@@ -8,7 +8,10 @@ bench/results/zoo.md).
 Doors: ``state_dict`` (weights + ``model.arch``), ``pt2`` (``torch.export.save``) and
 ``torchscript`` (``torch.jit.trace``; converted to a graph in the job as the service does).
 Every cell is what a job would end with: the ratios, or the error code and its first words.
-Speedups are CPU p50 at batch 1 and 32 on this machine, original / compressed, both TorchScript.
+Speedups are CPU p50 at batch 1 and 32 on this machine, as the report's headline: the recommended
+artifact in its runtime against the original in its fastest runtime (TorchScript or ONNX Runtime);
+"TS/TS" is model.ts against the original, both TorchScript; "deploy" names the recommended
+artifacts at batch 1 / batch 32.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class Cell:
     speedup_1: float | None = None
     speedup_32: float | None = None
     seconds: float = 0.0
+    ts_1: float | None = None
+    ts_32: float | None = None
+    deploy: str = ""
 
 
 def run_cell(name: str, build: Callable[[], nn.Module], arch: str | None, arch_kwargs: dict[str, Any], side: int, door: str, runs: int) -> Cell:
@@ -92,7 +98,9 @@ def run_cell(name: str, build: Callable[[], nn.Module], arch: str | None, arch_k
         return Cell(name, door, f"{error.code}: {str(error)[:90]}", seconds=time.perf_counter() - started)
     except Exception as error:  # noqa: BLE001 - a crash is a bug to fix, recorded as the service would
         return Cell(name, door, f"internal_error: {type(error).__name__}: {str(error)[:80]}", seconds=time.perf_counter() - started)
-    ratios = result.metrics["ratios"]
+    metrics = result.metrics
+    ratios = metrics["ratios"]
+    original_ts, compressed_ts = metrics["original"]["latency_ms"]["cpu"], metrics["compressed"]["latency_ms"]["cpu"]
     return Cell(
         name,
         door,
@@ -103,6 +111,9 @@ def run_cell(name: str, build: Callable[[], nn.Module], arch: str | None, arch_k
         speedup_1=ratios.get("speedup_batch_1"),
         speedup_32=ratios.get("speedup_batch_32"),
         seconds=time.perf_counter() - started,
+        ts_1=original_ts["batch_1"]["p50"] / compressed_ts["batch_1"]["p50"],
+        ts_32=original_ts["batch_32"]["p50"] / compressed_ts["batch_32"]["p50"],
+        deploy=" / ".join(choice["artifact"] for choice in metrics["recommended"].values()),
     )
 
 
@@ -111,11 +122,15 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def table(cells: list[Cell]) -> str:
-    lines = ["| model | door | outcome | MACs | params | size | speedup b1 | speedup b32 | seconds |", "|" + "---|" * 9]
+    lines = [
+        "| model | door | outcome | MACs | params | size | speedup b1 | speedup b32 | TS/TS b1 | TS/TS b32 | deploy (b1 / b32) | seconds |",
+        "|" + "---|" * 12,
+    ]
     for cell in cells:
         lines.append(
             f"| {cell.model} | {cell.door} | {cell.outcome.replace('|', '/')} | {_fmt(cell.macs, '{:.3f}')} | {_fmt(cell.params, '{:.3f}')} | "
-            f"{_fmt(cell.size, '{:.3f}')} | {_fmt(cell.speedup_1, '{:.2f}×')} | {_fmt(cell.speedup_32, '{:.2f}×')} | {cell.seconds:.0f} |"
+            f"{_fmt(cell.size, '{:.3f}')} | {_fmt(cell.speedup_1, '{:.2f}×')} | {_fmt(cell.speedup_32, '{:.2f}×')} | "
+            f"{_fmt(cell.ts_1, '{:.2f}×')} | {_fmt(cell.ts_32, '{:.2f}×')} | {cell.deploy} | {cell.seconds:.0f} |"
         )
     return "\n".join(lines)
 
