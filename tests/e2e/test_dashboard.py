@@ -240,9 +240,7 @@ def test_the_page_follows_a_job_to_success_and_shows_its_report(
         assert {"Size (TorchScript file)", "MACs per sample", "CPU latency, batch 1 (p50, TorchScript)", "Top-5 accuracy"} <= set(table)
         # The TorchScript rows compare like with like; the headline speedup lives in the runtime table.
         ts_b1 = original["latency_ms"]["cpu"]["batch_1"]["p50"] / compressed["latency_ms"]["cpu"]["batch_1"]["p50"]
-        assert table["CPU latency, batch 1 (p50, TorchScript)"][2] == (
-            f"{ts_b1:.2f}× faster" if ts_b1 >= 1 else f"{1 / ts_b1:.2f}× slower"
-        )
+        assert table["CPU latency, batch 1 (p50, TorchScript)"][2] == (f"{ts_b1:.2f}× faster" if ts_b1 >= 1 else f"{1 / ts_b1:.2f}× slower")
 
         # The runtime table: the original and every artifact in its runtime, in the report's order,
         # the recommended ones marked, each speedup against the original in its fastest runtime.
